@@ -1,0 +1,223 @@
+"""`merge`: T adapters -> basis bundle; `revert`: bundle -> PEFT adapters. Streams module by module.
+
+Peak memory of `merge` is one module of all T adapters plus the outputs (basis and coefficients,
+smaller than the inputs at any useful storage ratio); `revert` holds one task's adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.progress import track
+from safetensors.torch import save_file
+
+from rmm import __version__
+from rmm.adapter import LoraAdapter, check_compatible, open_adapter, write_adapter
+from rmm.bundle import (
+    BASIS_FILE,
+    FACTORS,
+    Manifest,
+    MergeOptions,
+    ModuleEntry,
+    Report,
+    Storage,
+    TaskEntry,
+    coefficients_file,
+    extras_file,
+    read_manifest,
+)
+from rmm.canonical import canonicalize
+from rmm.errors import RMMError
+from rmm.io import open_safetensors, read_all, read_tensor
+from rmm.metrics import relative_error
+from rmm.solver import Moments, coefficients, reconstruct, solve, storage_numbers
+
+
+def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions | None = None, *, progress: bool = True, force: bool = False) -> Manifest:
+    """Build the RMM bundle of `adapter_dirs` in `out`. Nothing is written unless all succeeds."""
+    options = options or MergeOptions()
+    out = Path(out)
+    _check_out(out, force)
+    clock = time.perf_counter()
+    adapters = [open_adapter(d) for d in adapter_dirs]
+    check_compatible(adapters)
+    modules = _module_entries(adapters, options)
+    dtype = _storage_dtype(adapters)
+    seconds = {"open": time.perf_counter() - clock}
+
+    basis: dict[str, torch.Tensor] = {}
+    coefs: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
+    errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
+    energy: dict[str, dict[str, float]] = {}
+    clock = time.perf_counter()
+    for mod in track(modules, description="merging modules", disable=not progress, transient=True):
+        B, A = _stack_factors(adapters, mod, options.canonicalize)
+        reverted = {}
+        energy[mod.name] = {}
+        for factor, X in zip(FACTORS, (B, A.mT)):
+            solution = solve(Moments.of(X), mod.p)
+            mean, vectors = solution.mean.to(dtype).contiguous(), solution.vectors.to(dtype).contiguous()
+            C = coefficients(solution, X).to(dtype)
+            basis[f"{mod.name}.{factor}.mean"], basis[f"{mod.name}.{factor}.basis"] = mean, vectors
+            for t, a in enumerate(adapters):
+                coefs[a.name][f"{mod.name}.{factor}"] = C[t].contiguous()
+            # Report errors of what is stored (after the cast), not of the float64 solution.
+            reverted[factor] = reconstruct(mean.double(), vectors.double(), C.double())
+            energy[mod.name][factor] = solution.energy_captured()
+        err = relative_error(B, A, reverted["B"], reverted["A"].mT)
+        for t, a in enumerate(adapters):
+            errors[a.name][mod.name] = err[t].item()
+    seconds["solve"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    storage = _storage(adapters, basis, coefs)
+    manifest = Manifest(
+        tool_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        options=options,
+        storage_dtype=_dtype_name(dtype),
+        tasks=[
+            TaskEntry(
+                name=a.name,
+                source=str(a.path.resolve()),
+                sha256=a.sha256,
+                dtype=_dtype_name(a.dtype),
+                config=a.config,
+                extras=list(a.extra_keys),
+            )
+            for a in adapters
+        ],
+        modules=modules,
+        report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
+    )
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "coefficients").mkdir(parents=True)
+    save_file(basis, str(tmp / BASIS_FILE), metadata={"format": "pt"})
+    for a in adapters:
+        save_file(coefs[a.name], str(coefficients_file(tmp, a.name)), metadata={"format": "pt"})
+        if a.extra_keys:
+            extras_file(tmp, a.name).parent.mkdir(exist_ok=True)
+            save_file(a.load_extras(), str(extras_file(tmp, a.name)), metadata={"format": "pt"})
+    seconds["write"] = time.perf_counter() - clock
+    manifest.write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return manifest
+
+
+def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, *, progress: bool = True) -> dict[str, Path]:
+    """Rebuild tasks' adapters (all by default) as PEFT directories `out/<task>/`."""
+    bundle, out = Path(bundle), Path(out)
+    manifest = read_manifest(bundle)
+    entries = [manifest.task(n) for n in tasks] if tasks else manifest.tasks
+    written = {}
+    basis_path = bundle / BASIS_FILE
+    with open_safetensors(basis_path) as fb:
+        for entry in track(entries, description="reverting tasks", disable=not progress, transient=True):
+            coef_path = coefficients_file(bundle, entry.name)
+            coefs = read_all(coef_path)
+            factors = {}
+            for mod in manifest.modules:
+                X = {}
+                for f in FACTORS:
+                    key = f"{mod.name}.{f}"
+                    if key not in coefs:
+                        raise RMMError(f"coefficients {key!r} missing", file=coef_path, module=mod.name)
+                    mean = read_tensor(fb, basis_path, f"{key}.mean").double()
+                    vectors = read_tensor(fb, basis_path, f"{key}.basis").double()
+                    X[f] = reconstruct(mean, vectors, coefs[key].double())
+                factors[mod.name] = (X["B"], X["A"].mT)
+            extras = read_all(extras_file(bundle, entry.name)) if entry.extras else {}
+            target = out / entry.name
+            tmp = out / f".{entry.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_adapter(tmp, entry.config, factors, extras, getattr(torch, entry.dtype))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            written[entry.name] = target
+    return written
+
+
+def choose_basis_size(storage_ratio: float, shapes: list[tuple[int, int]], numbers_original: int, tasks: int) -> int:
+    """Largest p whose storage, summed over modules, fits `storage_ratio` of the originals.
+
+    `shapes` are (positions, rank) per factor of every module; p is capped per module at what
+    can carry information (rank, and T - 1 centred directions).
+    """
+    budget = storage_ratio * numbers_original
+    for p in range(max(r for _, r in shapes), -1, -1):
+        if sum(storage_numbers(n, r, tasks, min(p, r, tasks - 1)) for n, r in shapes) <= budget:
+            return p
+    minimum = sum(storage_numbers(n, r, tasks, 0) for n, r in shapes) / numbers_original
+    raise RMMError(f"storage ratio {storage_ratio} is below the minimum {minimum:.4f} (the means alone, p = 0)")
+
+
+def _module_entries(adapters: list[LoraAdapter], options: MergeOptions) -> list[ModuleEntry]:
+    T = len(adapters)
+    ref = adapters[0].modules
+    ranks = {m: max(a.modules[m].rank for a in adapters) for m in ref}
+    if options.basis_size is not None:
+        p = options.basis_size
+    else:
+        shapes = [(n, ranks[m]) for m, s in ref.items() for n in (s.out_features, s.in_features)]
+        p = choose_basis_size(options.storage_ratio, shapes, _numbers_original(adapters), T)
+    return [
+        ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, rank=ranks[m], p=min(p, ranks[m], T - 1))
+        for m, s in ref.items()
+    ]
+
+
+def _stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """All tasks' folded factors of one module, zero-padded to its largest rank: (T,out,r), (T,r,in)."""
+    Bs, As = [], []
+    for a in adapters:
+        B, A = a.load_factors(mod.name)
+        if canonical:
+            B, A = canonicalize(B, A)
+        pad = mod.rank - B.shape[1]
+        Bs.append(torch.nn.functional.pad(B, (0, pad)))
+        As.append(torch.nn.functional.pad(A, (0, 0, 0, pad)))
+    return torch.stack(Bs), torch.stack(As)
+
+
+def _numbers_original(adapters: list[LoraAdapter]) -> int:
+    return sum(s.rank * (s.out_features + s.in_features) for a in adapters for s in a.modules.values())
+
+
+def _storage(adapters: list[LoraAdapter], basis: dict, coefs: dict) -> Storage:
+    tensors = list(basis.values()) + [t for c in coefs.values() for t in c.values()]
+    numbers = sum(t.numel() for t in tensors)
+    original = _numbers_original(adapters)
+    return Storage(
+        numbers_stored=numbers,
+        numbers_original=original,
+        ratio=numbers / original,
+        bytes_stored=sum(t.numel() * t.element_size() for t in tensors),
+        bytes_original=sum(
+            s.rank * (s.out_features + s.in_features) * a.dtype.itemsize for a in adapters for s in a.modules.values()
+        ),
+    )
+
+
+def _storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
+    """The inputs' dtype when they agree; otherwise the widest float, so no input loses precision."""
+    dtypes = {a.dtype for a in adapters}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise RMMError("output exists and is not empty; pass --force to replace it", file=out)

@@ -1,0 +1,85 @@
+"""The closed-form RMM solver, per position, batched over all positions of a module.
+
+A *position* is one row of B or one column of A: an r-vector per task. For one factor of one
+module we hold the T tasks' vectors as X with shape (T, P, r), P the number of positions
+(`out` for B, `in` for A, whose columns we store as the rows of A^T).
+
+Per position the best rank-p fit of the centred task vectors (Eckart-Young) depends on the tasks
+only through the additive moments n, S1 = sum_t x_t and S2 = sum_t x_t x_t^T, so sites can send
+moments and a coordinator can add them: the federated basis is the centralised one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Moments:
+    """Additive sufficient statistics of one factor of one module, in float64."""
+
+    n: int
+    s1: torch.Tensor  # (P, r)
+    s2: torch.Tensor  # (P, r, r)
+
+    @classmethod
+    def of(cls, X: torch.Tensor) -> "Moments":
+        X = X.to(torch.float64)
+        return cls(X.shape[0], X.sum(0), torch.einsum("tpi,tpj->pij", X, X))
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.n + other.n, self.s1 + other.s1, self.s2 + other.s2)
+
+
+@dataclass
+class Basis:
+    """Per-position mean and top-p basis, with the full eigen-spectrum for energy figures."""
+
+    mean: torch.Tensor  # (P, r)
+    vectors: torch.Tensor  # (P, r, p), orthonormal columns
+    eigvals: torch.Tensor  # (P, r), descending, of the centred scatter
+
+    @property
+    def p(self) -> int:
+        return self.vectors.shape[-1]
+
+    def energy_captured(self) -> float:
+        """Share of the centred scatter (summed over positions) that the top-p vectors keep."""
+        total = self.eigvals.sum().item()
+        return 1.0 if total <= 0 else self.eigvals[:, : self.p].sum().item() / total
+
+
+def solve(m: Moments, p: int) -> Basis:
+    """Mean and top-p eigenvectors of the centred scatter `S2 - n mu mu^T`, one batched eigh."""
+    mu = m.s1 / m.n
+    scatter = m.s2 - m.n * mu[:, :, None] * mu[:, None, :]
+    scatter = (scatter + scatter.mT) / 2  # exact symmetry for eigh
+    evals, evecs = torch.linalg.eigh(scatter)  # ascending
+    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
+    U = evecs[..., :p]
+    # Deterministic signs: the largest-magnitude entry of every basis vector is positive.
+    pivot = torch.gather(U, 1, U.abs().argmax(dim=1, keepdim=True))
+    U = U * torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
+    return Basis(mu, U, evals)
+
+
+def coefficients(basis: Basis, X: torch.Tensor) -> torch.Tensor:
+    """c_t = U^T (x_t - mu) for every task and position: (T, P, p)."""
+    return torch.einsum("prk,tpr->tpk", basis.vectors.to(torch.float64), X.to(torch.float64) - basis.mean)
+
+
+def reconstruct(mean: torch.Tensor, vectors: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
+    """x_t = mu + U c_t; `coefs` is (P, p) for one task or (T, P, p) for several."""
+    return mean + torch.einsum("prk,...pk->...pr", vectors, coefs)
+
+
+def storage_numbers(positions: int, rank: int, tasks: int, p: int) -> int:
+    """Numbers stored for one factor: mean and basis per position, plus p coefficients per task."""
+    return positions * (p * (rank + tasks) + rank)
+
+
+def storage_ratio(rank: int, tasks: int, p: int) -> float:
+    """DESIGN's formula `(p (r + T) + r) / (r T)`, relative to keeping all T adapters' factors."""
+    return (p * (rank + tasks) + rank) / (rank * tasks)
