@@ -104,7 +104,7 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
         if a.extra_keys:
             extras_file(tmp, a.name).parent.mkdir(exist_ok=True)
             save_file(a.load_extras(), str(extras_file(tmp, a.name)), metadata={"format": "pt"})
-    seconds["write"] = time.perf_counter() - clock
+    manifest.report.seconds["write"] = time.perf_counter() - clock
     manifest.write(tmp)
     if out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,141 @@
+"""The `rmm` command: merge, revert, inspect, extract."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from rmm import __version__
+from rmm.bundle import MergeOptions
+from rmm.errors import RMMError
+from rmm.summary import inspect_bundle
+
+console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RMMError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmm", description="Reversible Model Merging of LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"rmm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("merge", help="merge PEFT LoRA adapters into a basis bundle")
+    p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT LoRA directories; task name = directory name")
+    p.add_argument("--out", required=True, type=Path, metavar="BUNDLE")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position")
+    budget.add_argument("--storage-ratio", type=float, metavar="R", help="largest p whose storage fits R x the originals (default 0.5)")
+    p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
+    p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(run=_merge)
+
+    p = verbs.add_parser("revert", help="rebuild tasks' adapters from a bundle as PEFT directories")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/<task>/")
+    p.add_argument("--task", action="append", metavar="NAME", help="task to revert (repeatable; default all)")
+    p.set_defaults(run=_revert)
+
+    p = verbs.add_parser("inspect", help="tasks, p, storage and reconstruction error of a bundle")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--json", action="store_true", help="print as JSON on stdout")
+    p.set_defaults(run=_inspect)
+
+    p = verbs.add_parser("extract", help="turn a fully fine-tuned checkpoint into a LoRA adapter (PT-SVD)")
+    p.add_argument("--base", required=True, type=Path, metavar="BASE_DIR")
+    p.add_argument("--finetuned", required=True, type=Path, metavar="FT_DIR")
+    p.add_argument("--rank", required=True, type=int, metavar="R")
+    p.add_argument("--out", required=True, type=Path, metavar="ADAPTER_DIR")
+    p.add_argument("--target-modules", nargs="+", metavar="NAME", help="module names or suffixes (default: every changed Linear)")
+    p.add_argument("--json", action="store_true", help="print the per-module summary as JSON on stdout")
+    p.set_defaults(run=_extract)
+    return parser
+
+
+def _merge(args) -> int:
+    from rmm.merge import merge
+
+    try:
+        options = MergeOptions(basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
+    except ValidationError as e:
+        raise RMMError(f"invalid options: {e.errors()[0]['msg']}") from None
+    merge(args.adapters, args.out, options, progress=not args.json, force=args.force)
+    summary = inspect_bundle(args.out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _revert(args) -> int:
+    from rmm.merge import revert
+
+    written = revert(args.bundle, args.out, args.task)
+    for task, path in written.items():
+        console.print(f"{task}: {path}")
+    return 0
+
+
+def _inspect(args) -> int:
+    summary = inspect_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    _print_summary(summary)
+    tasks = Table(title="reconstruction error of dW per task (relative Frobenius)")
+    for col in ("task", "mean", "max", "worst module"):
+        tasks.add_column(col)
+    for name, row in summary["tasks"].items():
+        tasks.add_row(name, f"{row['mean_error']:.2e}", f"{row['max_error']:.2e}", row["worst_module"])
+    console.print(tasks)
+    modules = Table(title="per module")
+    for col in ("module", "shape", "rank", "p", "energy B", "energy A", "max error"):
+        modules.add_column(col)
+    for name, row in summary["modules"].items():
+        modules.add_row(
+            name, row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", f"{row['max_error']:.2e}"
+        )
+    console.print(modules)
+    return 0
+
+
+def _extract(args) -> int:
+    from rmm.extract import extract
+
+    summary = extract(args.base, args.finetuned, args.rank, args.out, args.target_modules, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    s = summary["storage"]
+    errors = [t["mean_error"] for t in summary["tasks"].values()]
+    console.print(
+        f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, p = {summary['p']}\n"
+        f"storage: {s['ratio_counted']:.4f} of the originals (formula {s['ratio_formula']:.4f}; "
+        f"{s['bytes_on_disk']:,} bytes on disk, {s['ratio_bytes_on_disk']:.4f} of {s['bytes_original']:,}; {s['dtype']})\n"
+        f"relative dW error: mean {sum(errors) / len(errors):.2e}, max {max(t['max_error'] for t in summary['tasks'].values()):.2e}",
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny base models built from configs and real PEFT adapters saved by PEFT."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+LLAMA = LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+)
+GPT2 = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama_base")
+    LlamaForCausalLM(LLAMA).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2_base")
+    GPT2LMHeadModel(GPT2).save_pretrained(path)
+    return path
+
+
+def load_base(base: Path):
+    cls = GPT2LMHeadModel if "gpt2" in base.name else LlamaForCausalLM
+    return cls.from_pretrained(base).eval()
+
+
+def make_adapter(base: Path, out: Path, *, seed: int, shared: float = 0.0, **lora) -> Path:
+    """A real PEFT LoRA adapter: PEFT builds and saves it; its weights are random (B too, not 0).
+
+    `shared` scales a component common to all adapters (seeded by parameter name), so that tasks
+    share structure as fine-tunes of one base do.
+    """
+    lora.setdefault("r", 4)
+    lora.setdefault("lora_alpha", 8)
+    lora.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(load_base(base), LoraConfig(**lora))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+                common = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.add_(torch.randn(p.shape, generator=common) * shared)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(llama_base, tmp_path_factory) -> list[Path]:
+    """Five rank-4 adapters on the tiny Llama, saved by PEFT."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(llama_base, root / f"task{t}", seed=t) for t in range(5)]
