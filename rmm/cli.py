@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rmm import __version__
+from rmm.adapter import module_name
 from rmm.bundle import MergeOptions
 from rmm.errors import RMMError
 from rmm.summary import inspect_bundle
@@ -101,14 +102,14 @@ def _inspect(args) -> int:
     for col in ("task", "mean", "max", "worst module"):
         tasks.add_column(col)
     for name, row in summary["tasks"].items():
-        tasks.add_row(name, f"{row['mean_error']:.2e}", f"{row['max_error']:.2e}", row["worst_module"])
+        tasks.add_row(name, f"{row['mean_error']:.2e}", f"{row['max_error']:.2e}", module_name(row["worst_module"]))
     console.print(tasks)
     modules = Table(title="per module")
     for col in ("module", "shape", "rank", "p", "energy B", "energy A", "max error"):
         modules.add_column(col)
     for name, row in summary["modules"].items():
         modules.add_row(
-            name, row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", f"{row['max_error']:.2e}"
+            module_name(name), row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", f"{row['max_error']:.2e}"
         )
     console.print(modules)
     return 0

@@ -1,0 +1,38 @@
+"""The `rmm` command end to end, in process."""
+
+import json
+
+import pytest
+
+from rmm.cli import main
+
+
+@pytest.mark.parametrize("verb", ["merge", "revert", "inspect", "extract"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: rmm " + verb in capsys.readouterr().out
+
+
+def test_merge_inspect_revert(adapters, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["merge", *map(str, adapters), "--out", str(bundle), "--storage-ratio", "0.7", "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["tasks_count"] == 5 and merged["p"] == 1  # r=4, T=5: p=1 gives 0.65, p=2 1.1
+    assert merged["storage"]["ratio_counted"] == pytest.approx(0.65) == merged["storage"]["ratio_formula"]
+
+    assert main(["inspect", str(bundle), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)
+    assert inspected["tasks"] == merged["tasks"]
+    assert set(inspected["tasks"]["task0"]) == {"mean_error", "max_error", "worst_module"}
+    assert all(0 < m["energy_B"] < 1 and 0 < m["energy_A"] < 1 for m in inspected["modules"].values())
+
+    assert main(["inspect", str(bundle)]) == 0
+    shown = capsys.readouterr().err
+    assert "task4" in shown and "energy" in shown
+
+    assert main(["revert", str(bundle), "--out", str(tmp_path / "rev"), "--task", "task1", "--task", "task3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "rev").iterdir()) == ["task1", "task3"]
+    assert main(["revert", str(bundle), "--out", str(tmp_path / "rev"), "--task", "nope"]) == 2
+    assert "no task 'nope'" in capsys.readouterr().err
