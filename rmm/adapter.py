@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from rmm.errors import RMMError
-from rmm.io import open_safetensors, read_tensor, sha256_file
+from rmm.io import atomic_dir, open_safetensors, read_tensor, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -104,7 +104,7 @@ def pattern_value(patterns: dict, name: str, default):
 def lora_scaling(config: dict, name: str) -> tuple[int, float]:
     """(rank, scaling) that PEFT gives module `name` under `config`."""
     r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-    alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))  # PEFT's default
     scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
     return int(r), float(scale)
 
@@ -213,23 +213,29 @@ def write_adapter(
     """Write a PEFT LoRA directory from folded factors (dW = B @ A), with `lora_alpha == r`.
 
     Modules of lower rank are zero-padded to the largest one, so the config needs no rank_pattern
-    (which vLLM does not read).
+    (which vLLM does not read). The directory is written beside `out_dir` and renamed into place,
+    so a failure never leaves a half-written adapter.
     """
+    if not factors:
+        raise RMMError("no LoRA modules to write", file=out_dir)
     rank = max(B.shape[1] for B, _ in factors.values())
     tensors = {}
     for prefix, (B, A) in factors.items():
+        if B.shape[1] != A.shape[0]:
+            raise RMMError(f"lora_B has {B.shape[1]} columns but lora_A {A.shape[0]} rows", file=out_dir, module=prefix)
         pad = rank - B.shape[1]
         tensors[prefix + _B] = torch.nn.functional.pad(B, (0, pad)).to(dtype).contiguous()
         tensors[prefix + _A] = torch.nn.functional.pad(A, (0, 0, 0, pad)).to(dtype).contiguous()
     tensors.update({k: v.contiguous() for k, v in extras.items()})
     config = {**config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def delta_weight(B: torch.Tensor, A: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """dW in the layer's weight layout (transposed for Conv1D-style fan_in_fan_out layers).
+    """dW in the layer's weight layout (transposed for a Conv1D layer, which PEFT always treats as
+    fan_in_fan_out, whatever the config says; a Linear never is).
 
     Materialises out x in: for tests and small modules only; metrics use `rmm.metrics` instead.
     """

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,3 +41,22 @@ def sha256_file(file: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_dir(out: Path):
+    """Yield a fresh temporary directory beside `out`; on success it replaces `out` whole.
+
+    On failure it is removed, so readers see the old `out` or the complete new one, never a mix.
+    """
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

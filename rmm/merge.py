@@ -6,8 +6,6 @@ smaller than the inputs at any useful storage ratio); `revert` holds one task's 
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +31,7 @@ from rmm.bundle import (
 )
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.io import open_safetensors, read_all, read_tensor
+from rmm.io import atomic_dir, open_safetensors, read_all, read_tensor
 from rmm.metrics import relative_error
 from rmm.solver import Moments, coefficients, reconstruct, solve, storage_numbers
 
@@ -95,20 +93,16 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
         modules=modules,
         report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
     )
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "coefficients").mkdir(parents=True)
-    save_file(basis, str(tmp / BASIS_FILE), metadata={"format": "pt"})
-    for a in adapters:
-        save_file(coefs[a.name], str(coefficients_file(tmp, a.name)), metadata={"format": "pt"})
-        if a.extra_keys:
-            extras_file(tmp, a.name).parent.mkdir(exist_ok=True)
-            save_file(a.load_extras(), str(extras_file(tmp, a.name)), metadata={"format": "pt"})
-    manifest.report.seconds["write"] = time.perf_counter() - clock
-    manifest.write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        (tmp / "coefficients").mkdir()
+        save_file(basis, str(tmp / BASIS_FILE), metadata={"format": "pt"})
+        for a in adapters:
+            save_file(coefs[a.name], str(coefficients_file(tmp, a.name)), metadata={"format": "pt"})
+            if a.extra_keys:
+                extras_file(tmp, a.name).parent.mkdir(exist_ok=True)
+                save_file(a.load_extras(), str(extras_file(tmp, a.name)), metadata={"format": "pt"})
+        manifest.report.seconds["write"] = time.perf_counter() - clock
+        manifest.write(tmp)
     return manifest
 
 
@@ -135,13 +129,8 @@ def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, 
                     X[f] = reconstruct(mean, vectors, coefs[key].double())
                 factors[mod.name] = (X["B"], X["A"].mT)
             extras = read_all(extras_file(bundle, entry.name)) if entry.extras else {}
-            target = out / entry.name
-            tmp = out / f".{entry.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            write_adapter(tmp, entry.config, factors, extras, getattr(torch, entry.dtype))
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-            written[entry.name] = target
+            write_adapter(out / entry.name, entry.config, factors, extras, getattr(torch, entry.dtype))
+            written[entry.name] = out / entry.name
     return written
 
 
