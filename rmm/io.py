@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -60,3 +61,45 @@ def atomic_dir(out: Path):
         raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class StreamingWriter:
+    """Writes a safetensors file one tensor at a time, in a declared order.
+
+    The safetensors library saves only whole dicts, which would hold a merge's entire output in
+    memory. The format is simple (an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the raw bytes), so when every shape is known up front
+    the header goes first and the data streams after it. Files read back with `safe_open`.
+    """
+
+    def __init__(self, file: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for key, (dtype, shape) in specs.items():
+            size = dtype.itemsize * int(torch.Size(shape).numel())
+            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+        self._pending = iter(specs.items())
+        self._file = open(file, "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self.numbers = self.bytes = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want_key, (dtype, shape) = next(self._pending)
+        if (key, tensor.dtype, tuple(tensor.shape)) != (want_key, dtype, tuple(shape)):
+            raise ValueError(f"expected {want_key} {dtype} {tuple(shape)}, got {key} {tensor.dtype} {tuple(tensor.shape)}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.numbers += tensor.numel()
+        self.bytes += data.nbytes
+
+    def close(self) -> None:
+        leftover = next(self._pending, None)
+        self._file.close()
+        if leftover is not None:
+            raise ValueError(f"{leftover[0]} was declared but never written")

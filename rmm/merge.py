@@ -31,7 +31,7 @@ from rmm.bundle import (
 )
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.io import atomic_dir, open_safetensors, read_all, read_tensor
+from rmm.io import StreamingWriter, atomic_dir, open_safetensors, read_all, read_tensor
 from rmm.metrics import relative_error
 from rmm.solver import Moments, coefficients, reconstruct, solve, storage_numbers
 
@@ -48,60 +48,64 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
     dtype = _storage_dtype(adapters)
     seconds = {"open": time.perf_counter() - clock}
 
-    basis: dict[str, torch.Tensor] = {}
-    coefs: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in adapters}
     errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
     energy: dict[str, dict[str, float]] = {}
-    clock = time.perf_counter()
-    for mod in track(modules, description="merging modules", disable=not progress, transient=True):
-        B, A = _stack_factors(adapters, mod, options.canonicalize)
-        reverted = {}
-        energy[mod.name] = {}
-        for factor, X in zip(FACTORS, (B, A.mT)):
-            solution = solve(Moments.of(X), mod.p)
-            mean, vectors = solution.mean.to(dtype).contiguous(), solution.vectors.to(dtype).contiguous()
-            C = coefficients(solution, X).to(dtype)
-            basis[f"{mod.name}.{factor}.mean"], basis[f"{mod.name}.{factor}.basis"] = mean, vectors
-            for t, a in enumerate(adapters):
-                coefs[a.name][f"{mod.name}.{factor}"] = C[t].contiguous()
-            # Report errors of what is stored (after the cast), not of the float64 solution.
-            reverted[factor] = reconstruct(mean.double(), vectors.double(), C.double())
-            energy[mod.name][factor] = solution.energy_captured()
-        err = relative_error(B, A, reverted["B"], reverted["A"].mT)
-        for t, a in enumerate(adapters):
-            errors[a.name][mod.name] = err[t].item()
-    seconds["solve"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    storage = _storage(adapters, basis, coefs)
-    manifest = Manifest(
-        tool_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        options=options,
-        storage_dtype=_dtype_name(dtype),
-        tasks=[
-            TaskEntry(
-                name=a.name,
-                source=str(a.path.resolve()),
-                sha256=a.sha256,
-                dtype=_dtype_name(a.dtype),
-                config=a.config,
-                extras=list(a.extra_keys),
-            )
-            for a in adapters
-        ],
-        modules=modules,
-        report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
-    )
     with atomic_dir(out) as tmp:
+        clock = time.perf_counter()
+        # Every output shape is known from the module list, so each module's results go to disk as
+        # soon as they are solved: memory holds one module of all T adapters, not the whole bundle.
         (tmp / "coefficients").mkdir()
-        save_file(basis, str(tmp / BASIS_FILE), metadata={"format": "pt"})
+        basis_out = StreamingWriter(tmp / BASIS_FILE, _basis_specs(modules, dtype), {"format": "pt"})
+        coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), _coef_specs(modules, dtype), {"format": "pt"}) for a in adapters}
+        for mod in track(modules, description="merging modules", disable=not progress, transient=True):
+            B, A = _stack_factors(adapters, mod, options.canonicalize)
+            reverted = {}
+            energy[mod.name] = {}
+            for factor, X in zip(FACTORS, (B, A.mT)):
+                solution = solve(Moments.of(X), mod.p)
+                mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
+                C = coefficients(solution, X).to(dtype)
+                basis_out.write(f"{mod.name}.{factor}.mean", mean)
+                basis_out.write(f"{mod.name}.{factor}.basis", vectors)
+                for t, a in enumerate(adapters):
+                    coef_out[a.name].write(f"{mod.name}.{factor}", C[t])
+                # Report errors of what is stored (after the cast), not of the float64 solution.
+                reverted[factor] = reconstruct(mean.double(), vectors.double(), C.double())
+                energy[mod.name][factor] = solution.energy_captured()
+            err = relative_error(B, A, reverted["B"], reverted["A"].mT)
+            for t, a in enumerate(adapters):
+                errors[a.name][mod.name] = err[t].item()
+        for writer in (basis_out, *coef_out.values()):
+            writer.close()
+        seconds["solve"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
         for a in adapters:
-            save_file(coefs[a.name], str(coefficients_file(tmp, a.name)), metadata={"format": "pt"})
             if a.extra_keys:
                 extras_file(tmp, a.name).parent.mkdir(exist_ok=True)
                 save_file(a.load_extras(), str(extras_file(tmp, a.name)), metadata={"format": "pt"})
-        manifest.report.seconds["write"] = time.perf_counter() - clock
+        seconds["write"] = time.perf_counter() - clock
+        written = (basis_out, *coef_out.values())
+        original = _numbers_original(adapters)
+        storage = Storage(
+            numbers_stored=sum(w.numbers for w in written),
+            numbers_original=original,
+            ratio=sum(w.numbers for w in written) / original,
+            bytes_stored=sum(w.bytes for w in written),
+            bytes_original=sum(s.rank * (s.out_features + s.in_features) * a.dtype.itemsize for a in adapters for s in a.modules.values()),
+        )
+        manifest = Manifest(
+            tool_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            options=options,
+            storage_dtype=_dtype_name(dtype),
+            tasks=[
+                TaskEntry(name=a.name, source=str(a.path.resolve()), sha256=a.sha256, dtype=_dtype_name(a.dtype), config=a.config, extras=list(a.extra_keys))
+                for a in adapters
+            ],
+            modules=modules,
+            report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
+        )
         manifest.write(tmp)
     return manifest
 
@@ -168,31 +172,28 @@ def _stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: boo
     Bs, As = [], []
     for a in adapters:
         B, A = a.load_factors(mod.name)
-        if canonical:
-            B, A = canonicalize(B, A)
         pad = mod.rank - B.shape[1]
         Bs.append(torch.nn.functional.pad(B, (0, pad)))
         As.append(torch.nn.functional.pad(A, (0, 0, 0, pad)))
-    return torch.stack(Bs), torch.stack(As)
+    B, A = torch.stack(Bs), torch.stack(As)
+    return canonicalize(B, A) if canonical else (B, A)
+
+
+def _basis_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
+    return {
+        f"{m.name}.{f}.{part}": (dtype, (n, m.rank) if part == "mean" else (n, m.rank, m.p))
+        for m in modules
+        for f, n in zip(FACTORS, (m.out_features, m.in_features))
+        for part in ("mean", "basis")
+    }
+
+
+def _coef_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
+    return {f"{m.name}.{f}": (dtype, (n, m.p)) for m in modules for f, n in zip(FACTORS, (m.out_features, m.in_features))}
 
 
 def _numbers_original(adapters: list[LoraAdapter]) -> int:
     return sum(s.rank * (s.out_features + s.in_features) for a in adapters for s in a.modules.values())
-
-
-def _storage(adapters: list[LoraAdapter], basis: dict, coefs: dict) -> Storage:
-    tensors = list(basis.values()) + [t for c in coefs.values() for t in c.values()]
-    numbers = sum(t.numel() for t in tensors)
-    original = _numbers_original(adapters)
-    return Storage(
-        numbers_stored=numbers,
-        numbers_original=original,
-        ratio=numbers / original,
-        bytes_stored=sum(t.numel() * t.element_size() for t in tensors),
-        bytes_original=sum(
-            s.rank * (s.out_features + s.in_features) * a.dtype.itemsize for a in adapters for s in a.modules.values()
-        ),
-    )
 
 
 def _storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:

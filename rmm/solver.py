@@ -27,7 +27,8 @@ class Moments:
     @classmethod
     def of(cls, X: torch.Tensor) -> "Moments":
         X = X.to(torch.float64)
-        return cls(X.shape[0], X.sum(0), torch.einsum("tpi,tpj->pij", X, X))
+        per_position = X.transpose(0, 1).contiguous()  # (P, T, r): one batched matmul, no einsum
+        return cls(X.shape[0], X.sum(0), per_position.mT @ per_position)
 
     def __add__(self, other: "Moments") -> "Moments":
         return Moments(self.n + other.n, self.s1 + other.s1, self.s2 + other.s2)
@@ -57,8 +58,7 @@ def solve(m: Moments, p: int) -> Basis:
     scatter = m.s2 - m.n * mu[:, :, None] * mu[:, None, :]
     scatter = (scatter + scatter.mT) / 2  # exact symmetry for eigh
     evals, evecs = torch.linalg.eigh(scatter)  # ascending
-    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
-    U = evecs[..., :p]
+    evals, U = evals.flip(-1).clamp_min(0), evecs[..., evecs.shape[-1] - p :].flip(-1)
     # Deterministic signs: the largest-magnitude entry of every basis vector is positive.
     pivot = torch.gather(U, 1, U.abs().argmax(dim=1, keepdim=True))
     U = U * torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
