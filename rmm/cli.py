@@ -136,6 +136,12 @@ def _print_summary(summary: dict) -> None:
         f"relative dW error: mean {sum(errors) / len(errors):.2e}, max {max(t['max_error'] for t in summary['tasks'].values()):.2e}",
         highlight=False,
     )
+    if s["ratio_counted"] >= 1:
+        console.print(
+            "[yellow]warning:[/] the bundle stores more numbers than the adapters it replaces; "
+            "use a smaller --basis-size or a --storage-ratio below 1",
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":
