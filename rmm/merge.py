@@ -6,7 +6,11 @@ smaller than the inputs at any useful storage ratio); `revert` holds one task's 
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,22 +61,15 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
         (tmp / "coefficients").mkdir()
         basis_out = StreamingWriter(tmp / BASIS_FILE, _basis_specs(modules, dtype), {"format": "pt"})
         coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), _coef_specs(modules, dtype), {"format": "pt"}) for a in adapters}
-        for mod in track(modules, description="merging modules", disable=not progress, transient=True):
-            B, A = _stack_factors(adapters, mod, options.canonicalize)
-            reverted = {}
+        solved = _in_order(partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype), modules)
+        for mod, (parts, err) in track(zip(modules, solved), total=len(modules), description="merging modules", disable=not progress, transient=True):
             energy[mod.name] = {}
-            for factor, X in zip(FACTORS, (B, A.mT)):
-                solution = solve(Moments.of(X), mod.p)
-                mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
-                C = coefficients(solution, X).to(dtype)
+            for factor, (mean, vectors, C, captured) in parts.items():
                 basis_out.write(f"{mod.name}.{factor}.mean", mean)
                 basis_out.write(f"{mod.name}.{factor}.basis", vectors)
                 for t, a in enumerate(adapters):
                     coef_out[a.name].write(f"{mod.name}.{factor}", C[t])
-                # Report errors of what is stored (after the cast), not of the float64 solution.
-                reverted[factor] = reconstruct(mean.double(), vectors.double(), C.double())
-                energy[mod.name][factor] = solution.energy_captured()
-            err = relative_error(B, A, reverted["B"], reverted["A"].mT)
+                energy[mod.name][factor] = captured
             for t, a in enumerate(adapters):
                 errors[a.name][mod.name] = err[t].item()
         for writer in (basis_out, *coef_out.values()):
@@ -165,6 +162,36 @@ def _module_entries(adapters: list[LoraAdapter], options: MergeOptions) -> list[
         ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, rank=ranks[m], p=min(p, ranks[m], T - 1))
         for m, s in ref.items()
     ]
+
+
+def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype):
+    """One module: per factor (mean, basis, coefficients, energy captured) as stored, and each task's dW error."""
+    B, A = _stack_factors(adapters, mod, canonical)
+    parts, reverted = {}, {}
+    for factor, X in zip(FACTORS, (B, A.mT)):
+        solution = solve(Moments.of(X), mod.p)
+        mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
+        C = coefficients(solution, X).to(dtype)
+        parts[factor] = (mean, vectors, C, solution.energy_captured())
+        # Report errors of what is stored (after the cast), not of the float64 solution.
+        reverted[factor] = reconstruct(mean.double(), vectors.double(), C.double())
+    return parts, relative_error(B, A, reverted["B"], reverted["A"].mT)
+
+
+def _in_order(solve_one, modules: list[ModuleEntry]):
+    """Solve modules on a few threads (LAPACK releases the GIL), yielding results in order.
+
+    At most `workers + 1` modules are in flight, so memory stays a few modules of all T adapters.
+    """
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for mod in modules:
+            pending.append(pool.submit(solve_one, mod))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool) -> tuple[torch.Tensor, torch.Tensor]:
