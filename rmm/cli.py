@@ -87,8 +87,7 @@ def _revert(args) -> int:
     from rmm.merge import revert
 
     written = revert(args.bundle, args.out, args.task)
-    for task, path in written.items():
-        console.print(f"{task}: {path}")
+    console.print(f"reverted {len(written)} task(s) into {args.out}: {', '.join(written)}", highlight=False)
     return 0
 
 
