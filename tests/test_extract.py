@@ -325,3 +325,24 @@ def test_randomized_svd_path_reports_true_error(monkeypatch):
     best = math.sqrt(S[5:].square().sum().item() / S.square().sum().item())
     assert info["rel_error"] == pytest.approx(actual, rel=1e-4)
     assert info["rel_error"] == pytest.approx(best, rel=1e-3)  # as good as the exact truncation
+
+
+def test_cli_extract_then_merge_reverts_the_extracted_adapters(llama, tmp_path, capsys):
+    from rmm.cli import main
+    from rmm.bundle import MergeOptions
+    from rmm.merge import merge, revert
+
+    root, _, deltas = llama
+    outs = []
+    for ft, rank in (("ft", TRUE_RANK), ("ft_norm", TRUE_RANK - 1)):
+        out = tmp_path / f"{ft}_r{rank}"
+        assert main(["extract", "--base", str(root / "base"), "--finetuned", str(root / ft), "--rank", str(rank), "--out", str(out), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["r"] == rank and (ft == "ft") == (summary["skipped"] == {})
+        outs.append(out)
+    merge(outs, tmp_path / "bundle", MergeOptions(basis_size=1), progress=False)
+    revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
+    for out in outs:  # two tasks: p = 1 = T - 1 reverts exactly, ranks 3 and 2 padded to 3
+        want, got = _lora_dw(out), _lora_dw(tmp_path / "rev" / out.name)
+        for name in deltas:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
