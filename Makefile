@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench protos clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py
+
+# Regenerate the gRPC code; tests/test_protos.py fails when the committed code is stale.
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/rmm/v1/*.proto
 
 clean:
 	rm -rf $(VENV) .cache

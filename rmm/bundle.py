@@ -86,7 +86,7 @@ class Report(_Strict):
     storage: Storage
     # task -> module -> ||dW - dW_reverted||_F / ||dW||_F, from what was stored
     errors: dict[str, dict[str, float]]
-    # module -> factor ("B"/"A") -> share of centred scatter energy the basis keeps
+    # module -> factor ("B"/"A") -> share of the tasks' spread around the mean the basis keeps
     energy: dict[str, dict[str, float]]
     seconds: dict[str, float]
 
@@ -100,6 +100,7 @@ class Manifest(_Strict):
     storage_dtype: str
     tasks: list[TaskEntry]
     modules: list[ModuleEntry]
+    basis_sha256: str | None = None  # set when the basis was given (a federation's), not solved here
     report: Report
 
     def task(self, name: str) -> TaskEntry:

@@ -35,20 +35,38 @@ from rmm.bundle import (
 )
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.io import StreamingWriter, atomic_dir, open_safetensors, read_all, read_tensor
+from rmm.io import StreamingWriter, atomic_dir, open_safetensors, read_all, read_tensor, sha256_file
 from rmm.metrics import relative_error
-from rmm.solver import Moments, coefficients, reconstruct, solve, storage_numbers
+from rmm.solver import Moments, coefficients, energy_kept, reconstruct, solve, storage_numbers
 
 
-def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions | None = None, *, progress: bool = True, force: bool = False) -> Manifest:
-    """Build the RMM bundle of `adapter_dirs` in `out`. Nothing is written unless all succeeds."""
+def merge(
+    adapter_dirs: list[str | Path],
+    out: str | Path,
+    options: MergeOptions | None = None,
+    *,
+    basis: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Manifest:
+    """Build the RMM bundle of `adapter_dirs` in `out`. Nothing is written unless all succeeds.
+
+    With `basis` (a basis file solved elsewhere, e.g. by a federation's coordinator from every
+    site's moments) nothing is solved here: the adapters get their coefficients against that basis,
+    which is how a site builds the bundle of its own tasks. Same code path otherwise.
+    """
     options = options or MergeOptions()
     out = Path(out)
     _check_out(out, force)
     clock = time.perf_counter()
     adapters = [open_adapter(d) for d in adapter_dirs]
     check_compatible(adapters)
-    modules = _module_entries(adapters, options)
+    specs = module_specs(adapters)
+    if basis is None:
+        modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
+    else:
+        basis = Path(basis)
+        modules = modules_of_basis(basis, specs)
     dtype = _storage_dtype(adapters)
     seconds = {"open": time.perf_counter() - clock}
 
@@ -59,9 +77,9 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
         # Every output shape is known from the module list, so each module's results go to disk as
         # soon as they are solved: memory holds one module of all T adapters, not the whole bundle.
         (tmp / "coefficients").mkdir()
-        basis_out = StreamingWriter(tmp / BASIS_FILE, _basis_specs(modules, dtype), {"format": "pt"})
+        basis_out = StreamingWriter(tmp / BASIS_FILE, basis_specs(modules, dtype), {"format": "pt"})
         coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), _coef_specs(modules, dtype), {"format": "pt"}) for a in adapters}
-        solved = _in_order(partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype), modules)
+        solved = _in_order(partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis), modules)
         for mod, (parts, err) in track(zip(modules, solved), total=len(modules), description="merging modules", disable=not progress, transient=True):
             energy[mod.name] = {}
             for factor, (mean, vectors, C, captured) in parts.items():
@@ -83,7 +101,7 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
                 save_file(a.load_extras(), str(extras_file(tmp, a.name)), metadata={"format": "pt"})
         seconds["write"] = time.perf_counter() - clock
         written = (basis_out, *coef_out.values())
-        original = _numbers_original(adapters)
+        original = numbers_original(adapters)
         storage = Storage(
             numbers_stored=sum(w.numbers for w in written),
             numbers_original=original,
@@ -101,6 +119,7 @@ def merge(adapter_dirs: list[str | Path], out: str | Path, options: MergeOptions
                 for a in adapters
             ],
             modules=modules,
+            basis_sha256=sha256_file(basis) if basis is not None else None,
             report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
         )
         manifest.write(tmp)
@@ -149,32 +168,62 @@ def choose_basis_size(storage_ratio: float, shapes: list[tuple[int, int]], numbe
     raise RMMError(f"storage ratio {storage_ratio} is below the minimum {minimum:.4f} (the means alone, p = 0)")
 
 
-def _module_entries(adapters: list[LoraAdapter], options: MergeOptions) -> list[ModuleEntry]:
-    T = len(adapters)
-    ref = adapters[0].modules
-    ranks = {m: max(a.modules[m].rank for a in adapters) for m in ref}
-    if options.basis_size is not None:
-        p = options.basis_size
-    else:
-        shapes = [(n, ranks[m]) for m, s in ref.items() for n in (s.out_features, s.in_features)]
-        p = choose_basis_size(options.storage_ratio, shapes, _numbers_original(adapters), T)
+def module_specs(adapters: list[LoraAdapter]) -> list[ModuleEntry]:
+    """Each module's shape and largest rank over the adapters (p left at 0: not planned yet)."""
     return [
-        ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, rank=ranks[m], p=min(p, ranks[m], T - 1))
-        for m, s in ref.items()
+        ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, rank=max(a.modules[m].rank for a in adapters), p=0)
+        for m, s in adapters[0].modules.items()
     ]
 
 
-def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype):
-    """One module: per factor (mean, basis, coefficients, energy captured) as stored, and each task's dW error."""
-    B, A = _stack_factors(adapters, mod, canonical)
+def plan_modules(specs: list[ModuleEntry], tasks: int, lora_numbers: int, options: MergeOptions) -> list[ModuleEntry]:
+    """The basis size of every module for `tasks` adapters holding `lora_numbers` LoRA numbers."""
+    if options.basis_size is not None:
+        p = options.basis_size
+    else:
+        shapes = [(n, m.rank) for m in specs for n in (m.out_features, m.in_features)]
+        p = choose_basis_size(options.storage_ratio, shapes, lora_numbers, tasks)
+    return [m.model_copy(update={"p": min(p, m.rank, tasks - 1)}) for m in specs]
+
+
+def modules_of_basis(basis: Path, specs: list[ModuleEntry]) -> list[ModuleEntry]:
+    """The modules of a given basis file, checked against the adapters' modules; p from its shapes."""
+    planned = []
+    with open_safetensors(basis) as f:
+        keys = set(f.keys())
+        for m in specs:
+            key = f"{m.name}.B.basis"
+            if key not in keys:
+                raise RMMError("the basis has no entry for this module", file=basis, module=m.name)
+            n_out, rank, p = f.get_slice(key).get_shape()
+            n_in = f.get_slice(f"{m.name}.A.basis").get_shape()[0]
+            if (n_out, n_in) != (m.out_features, m.in_features) or rank < m.rank:
+                raise RMMError(f"basis shape {n_out}x{n_in} rank {rank} does not fit the adapters' {m.out_features}x{m.in_features} rank {m.rank}", file=basis, module=m.name)
+            planned.append(m.model_copy(update={"rank": rank, "p": p}))
+    return planned
+
+
+def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype, basis: Path | None):
+    """One module: per factor (mean, basis, coefficients, energy kept) as stored, and each task's dW error.
+
+    Coefficients are fitted to the basis as stored (after the cast to `dtype`), so a bundle solved
+    here and one whose basis came from a coordinator agree to the last bit for the same basis.
+    """
+    B, A = stack_factors(adapters, mod, canonical)
     parts, reverted = {}, {}
     for factor, X in zip(FACTORS, (B, A.mT)):
-        solution = solve(Moments.of(X), mod.p)
-        mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
-        C = coefficients(solution, X).to(dtype)
-        parts[factor] = (mean, vectors, C, solution.energy_captured())
+        if basis is None:
+            solution = solve(Moments.of(X), mod.p)
+            mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
+        else:
+            with open_safetensors(basis) as f:
+                mean = read_tensor(f, basis, f"{mod.name}.{factor}.mean").to(dtype)
+                vectors = read_tensor(f, basis, f"{mod.name}.{factor}.basis").to(dtype)
+        C = coefficients(mean.double(), vectors.double(), X)
+        fit = reconstruct(mean.double(), vectors.double(), C)
+        parts[factor] = (mean, vectors, C.to(dtype), energy_kept(X, mean.double(), fit))
         # Report errors of what is stored (after the cast), not of the float64 solution.
-        reverted[factor] = reconstruct(mean.double(), vectors.double(), C.double())
+        reverted[factor] = reconstruct(mean.double(), vectors.double(), C.to(dtype).double())
     return parts, relative_error(B, A, reverted["B"], reverted["A"].mT)
 
 
@@ -194,7 +243,7 @@ def _in_order(solve_one, modules: list[ModuleEntry]):
             yield pending.popleft().result()
 
 
-def _stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """All tasks' folded factors of one module, zero-padded to its largest rank: (T,out,r), (T,r,in)."""
     Bs, As = [], []
     for a in adapters:
@@ -206,7 +255,7 @@ def _stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: boo
     return canonicalize(B, A) if canonical else (B, A)
 
 
-def _basis_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
+def basis_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
     return {
         f"{m.name}.{f}.{part}": (dtype, (n, m.rank) if part == "mean" else (n, m.rank, m.p))
         for m in modules
@@ -219,7 +268,7 @@ def _coef_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
     return {f"{m.name}.{f}": (dtype, (n, m.p)) for m in modules for f, n in zip(FACTORS, (m.out_features, m.in_features))}
 
 
-def _numbers_original(adapters: list[LoraAdapter]) -> int:
+def numbers_original(adapters: list[LoraAdapter]) -> int:
     return sum(s.rank * (s.out_features + s.in_features) for a in adapters for s in a.modules.values())
 
 

@@ -46,11 +46,6 @@ class Basis:
     def p(self) -> int:
         return self.vectors.shape[-1]
 
-    def energy_captured(self) -> float:
-        """Share of the centred scatter (summed over positions) that the top-p vectors keep."""
-        total = self.eigvals.sum().item()
-        return 1.0 if total <= 0 else self.eigvals[:, : self.p].sum().item() / total
-
 
 def solve(m: Moments, p: int) -> Basis:
     """Mean and top-p eigenvectors of the centred scatter `S2 - n mu mu^T`, one batched eigh."""
@@ -65,14 +60,23 @@ def solve(m: Moments, p: int) -> Basis:
     return Basis(mu, U, evals)
 
 
-def coefficients(basis: Basis, X: torch.Tensor) -> torch.Tensor:
-    """c_t = U^T (x_t - mu) for every task and position: (T, P, p)."""
-    return torch.einsum("prk,tpr->tpk", basis.vectors.to(torch.float64), X.to(torch.float64) - basis.mean)
+def coefficients(mean: torch.Tensor, vectors: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """c_t = U^T (x_t - mu) for every task and position: (T, P, p), in float64."""
+    return torch.einsum("prk,tpr->tpk", vectors.to(torch.float64), X.to(torch.float64) - mean.to(torch.float64))
 
 
 def reconstruct(mean: torch.Tensor, vectors: torch.Tensor, coefs: torch.Tensor) -> torch.Tensor:
     """x_t = mu + U c_t; `coefs` is (P, p) for one task or (T, P, p) for several."""
     return mean + torch.einsum("prk,...pk->...pr", vectors, coefs)
+
+
+def energy_kept(X: torch.Tensor, mean: torch.Tensor, fit: torch.Tensor) -> float:
+    """Share of the tasks' spread around the mean that the fit keeps (1 - residual / spread).
+
+    With the tasks' own basis this is the top-p share of the centred scatter's eigenvalues.
+    """
+    spread = ((X - mean) ** 2).sum().item()
+    return 1.0 if spread <= 0 else 1.0 - ((X - fit) ** 2).sum().item() / spread
 
 
 def storage_numbers(positions: int, rank: int, tasks: int, p: int) -> int:

@@ -185,3 +185,16 @@ def test_manifest_records_inputs_and_options(adapters, tmp_path):
     assert all(len(t.sha256) == 64 for t in m.tasks) and len({t.sha256 for t in m.tasks}) == len(adapters)
     assert m.tool_version and m.storage_dtype == "float32"
     assert set(m.report.seconds) == {"open", "solve", "write"}
+
+
+def test_bundle_from_a_given_basis_matches_the_full_merge(adapters, tmp_path):
+    """A site's bundle (its tasks' coefficients against a basis solved elsewhere) is the full one's."""
+    full = merge(adapters, tmp_path / "full", MergeOptions(basis_size=2, canonicalize=True), progress=False)
+    part = merge(adapters[1:3], tmp_path / "part", MergeOptions(canonicalize=True), basis=tmp_path / "full" / BASIS_FILE, progress=False)
+    assert [m.p for m in part.modules] == [m.p for m in full.modules]
+    assert full.basis_sha256 is None and len(part.basis_sha256) == 64
+    for a in adapters[1:3]:
+        with open_safetensors(coefficients_file(tmp_path / "full", a.name)) as f, open_safetensors(coefficients_file(tmp_path / "part", a.name)) as g:
+            for key in f.keys():
+                assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
+        assert part.report.errors[a.name] == full.report.errors[a.name]

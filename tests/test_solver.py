@@ -38,7 +38,7 @@ def test_moments_path_equals_direct_svd(shape):
     p = min(p, r)
     X = _data(T, P, r, seed)
     basis = solve(Moments.of(X), p)
-    fit = reconstruct(basis.mean, basis.vectors, coefficients(basis, X))
+    fit = reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X))
     torch.testing.assert_close(fit, _svd_reference(X, p), rtol=1e-7, atol=1e-9)
 
 
@@ -49,7 +49,7 @@ def test_error_per_position_equals_discarded_eigen_energy(shape):
     p = min(p, r)
     X = _data(T, P, r, seed)
     basis = solve(Moments.of(X), p)
-    fit = reconstruct(basis.mean, basis.vectors, coefficients(basis, X))
+    fit = reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X))
     error = ((X - fit) ** 2).sum((0, 2))  # per position, summed over tasks
     torch.testing.assert_close(error, basis.eigvals[:, p:].sum(1), rtol=1e-7, atol=1e-9)
 
@@ -61,7 +61,7 @@ def test_full_basis_is_exact(shape):
     X = _data(T, P, r, seed)
     p = min(r, T - 1)
     basis = solve(Moments.of(X), p)
-    torch.testing.assert_close(reconstruct(basis.mean, basis.vectors, coefficients(basis, X)), X, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X)), X, rtol=1e-9, atol=1e-10)
 
 
 @settings(max_examples=40, deadline=None)

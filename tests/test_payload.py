@@ -1,0 +1,62 @@
+"""Site payloads of every kind aggregate to the centralised basis; sketches below full rank are lossy."""
+
+import pytest
+import torch
+
+from conftest import make_adapter
+from rmm.adapter import open_adapter
+from rmm.bundle import BASIS_FILE, MergeOptions
+from rmm.io import open_safetensors
+from rmm.merge import merge, module_specs, numbers_original, plan_modules
+from rmm.payload import aggregate, smallest_exact_numbers, write_payload
+
+
+@pytest.fixture(scope="module")
+def eight(llama_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eight")
+    return [make_adapter(llama_base, root / f"t{i}", seed=10 + i, shared=0.5, r=2 + 2 * (i % 3)) for i in range(8)]
+
+
+def _basis(file):
+    with open_safetensors(file) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("kind", ["moments", "sketch", "factors"])
+@pytest.mark.parametrize("canonical", [False, True])
+def test_sites_aggregate_to_the_centralised_basis(eight, tmp_path, kind, canonical):
+    options = MergeOptions(basis_size=3, canonicalize=canonical)
+    central = merge(eight, tmp_path / "central", options, progress=False)
+    adapters = [open_adapter(p) for p in eight]
+    modules = plan_modules(module_specs(adapters), len(adapters), numbers_original(adapters), options)
+    shards = [adapters[:1], adapters[1:4], adapters[4:]]  # uneven
+    files = []
+    for i, shard in enumerate(shards):
+        files.append(tmp_path / f"site{i}.safetensors")
+        write_payload(shard, modules, files[-1], kind, q=6, canonical=canonical)  # q covers r = 6
+    aggregate(files, modules, tmp_path / "basis.safetensors")
+    want, got = _basis(tmp_path / "central" / BASIS_FILE), _basis(tmp_path / "basis.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    # A site's bundle against the federated basis equals the centralised bundle's coefficients.
+    site = merge([p for p in eight[4:]], tmp_path / "site", options, basis=tmp_path / "basis.safetensors", progress=False)
+    for a in site.tasks:
+        for name, err in site.report.errors[a.name].items():
+            assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6)
+
+
+def test_low_rank_sketch_is_smaller_and_lossy(eight, tmp_path):
+    adapters = [open_adapter(p) for p in eight]
+    modules = plan_modules(module_specs(adapters), len(adapters), numbers_original(adapters), MergeOptions(basis_size=3))
+    full = write_payload(adapters, modules, tmp_path / "full.safetensors", "sketch", q=6)
+    low = write_payload(adapters, modules, tmp_path / "low.safetensors", "sketch", q=1)
+    moments = write_payload(adapters, modules, tmp_path / "m.safetensors", "moments")
+    assert low.numbers < full.numbers
+    positions = sum(m.out_features + m.in_features for m in modules)
+    assert moments.numbers == smallest_exact_numbers(positions, 6, 8)  # r (r + 3) / 2 < n r here
+    aggregate([tmp_path / "full.safetensors"], modules, tmp_path / "b_full.safetensors")
+    aggregate([tmp_path / "low.safetensors"], modules, tmp_path / "b_low.safetensors")
+    exact, lossy = _basis(tmp_path / "b_full.safetensors"), _basis(tmp_path / "b_low.safetensors")
+    differs = [k for k in exact if k.endswith(".basis") and not torch.allclose(exact[k].abs(), lossy[k].abs(), atol=1e-3)]
+    assert differs
