@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -37,10 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("merge", help="merge PEFT LoRA adapters into a basis bundle")
     p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT LoRA directories; task name = directory name")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position")
-    budget.add_argument("--storage-ratio", type=float, metavar="R", help="largest p whose storage fits R x the originals (default 0.5)")
-    p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
+    add_budget_args(p)
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(run=_merge)
@@ -64,17 +62,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-modules", nargs="+", metavar="NAME", help="module names or suffixes (default: every changed Linear)")
     p.add_argument("--json", action="store_true", help="print the per-module summary as JSON on stdout")
     p.set_defaults(run=_extract)
+
+    # Other packages add verbs (the federation's coordinator and sites) without rmm importing them.
+    for entry in sorted(entry_points(group="rmm.commands"), key=lambda e: e.name):
+        entry.load()(verbs)
     return parser
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """--basis-size / --storage-ratio / --canonicalize, shared by every verb that builds a basis."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position")
+    budget.add_argument("--storage-ratio", type=float, metavar="R", help="largest p whose storage fits R x the originals (default 0.5)")
+    p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
+
+
+def merge_options(args) -> MergeOptions:
+    try:
+        return MergeOptions(basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
+    except ValidationError as e:
+        raise RMMError(f"invalid options: {e.errors()[0]['msg']}") from None
 
 
 def _merge(args) -> int:
     from rmm.merge import merge
 
-    try:
-        options = MergeOptions(basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
-    except ValidationError as e:
-        raise RMMError(f"invalid options: {e.errors()[0]['msg']}") from None
-    merge(args.adapters, args.out, options, progress=not args.json, force=args.force)
+    merge(args.adapters, args.out, merge_options(args), progress=not args.json, force=args.force)
     summary = inspect_bundle(args.out)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -1,0 +1,111 @@
+"""`rmm site run` and `rmm simulate`, registered into the `rmm` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from rmm.cli import add_budget_args, console, merge_options
+from rmm.errors import RMMError
+
+
+def register(verbs) -> None:
+    site = verbs.add_parser("site", help="take part in a federation as a site")
+    site_verbs = site.add_subparsers(dest="site_verb", required=True, metavar="VERB")
+    p = site_verbs.add_parser("run", help="join, upload sketches, wait for the basis, revert this site's tasks")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    p.add_argument("--federation", required=True, metavar="ID")
+    p.add_argument("--site", required=True, metavar="ID", help="this site's id in the federation config")
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="file holding this site's bearer token (or set RMM_SITE_TOKEN)")
+    p.add_argument("--ca", type=Path, help="CA certificate that signed the coordinator's (PEM)")
+    p.add_argument("--cert", type=Path, help="this site's client certificate, for mutual TLS (PEM)")
+    p.add_argument("--key", type=Path, help="its private key (PEM)")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC (loopback development only)")
+    p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
+    p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
+    p.add_argument("--actors", type=int, metavar="N", help="Ray actors holding shards (default: one per GPU, else 1)")
+    _add_upload_args(p)
+    p.add_argument("--canonicalize", action="store_true", help="canonicalise factors (must match the federation)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the site's report as JSON on stdout")
+    p.set_defaults(run=_site_run)
+
+    p = verbs.add_parser("simulate", help="a whole federation on this machine: embedded Ray, loopback coordinator, N sites")
+    p.add_argument("--sites", type=int, default=3, metavar="N")
+    p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    add_budget_args(p)
+    _add_upload_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.set_defaults(run=_simulate)
+
+
+def _add_upload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upload", choices=["moments", "sketch", "factors"], default="moments", help="what leaves the site (default: moments)")
+    p.add_argument("--sketch-rank", type=int, default=0, metavar="Q", help="rank q of a sketch upload")
+    p.add_argument("--allow-factors", action="store_true", help="consent to sending raw adapters (--upload factors)")
+
+
+def _site_run(args) -> int:
+    from workers.client import Credentials
+    from workers.simulate import ensure_ray
+    from workers.site import run_site
+
+    token = os.environ.get("RMM_SITE_TOKEN") or (args.token_file.read_text().strip() if args.token_file else None)
+    if not token:
+        raise RMMError("no site token: pass --token-file FILE or set RMM_SITE_TOKEN")
+    if not args.insecure and not args.ca:
+        raise RMMError("TLS needs --ca (the coordinator's CA certificate); --insecure only for loopback development")
+    if args.ray_address:
+        import ray
+
+        ray.init(address=args.ray_address, configure_logging=False, log_to_driver=False)
+    else:
+        ensure_ray()
+    credentials = Credentials(token=token, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure)
+    report = run_site(
+        args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
+        upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
+        allow_factors=args.allow_factors, actors=args.actors, on_stage=_stage_printer(args.json),
+    )
+    _emit({"sites": [report]}, args.json)
+    return 0
+
+
+def _simulate(args) -> int:
+    from workers.simulate import simulate
+
+    if args.upload == "factors" and not args.allow_factors:
+        raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
+    report = simulate(
+        args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
+        on_stage=_stage_printer(args.json),
+    )
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _emit(report, args.json)
+    return 0
+
+
+def _stage_printer(quiet: bool):
+    return (lambda site, stage: None) if quiet else (lambda site, stage: console.print(f"[dim]{site}: {stage}[/]", highlight=False))
+
+
+def _emit(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title="federation traffic and time per site")
+    for col in ("site", "tasks", "upload", "LoRA bytes", "bytes up", "bytes down", "sketch s", "upload s", "wait s", "download s", "revert s", "max dW err"):
+        table.add_column(col, justify="right")
+    for s in report["sites"]:
+        t = s["seconds"]
+        worst = max(max(e.values()) for e in s["errors"].values())
+        table.add_row(
+            s["site"], str(len(s["tasks"])), s["upload"], f"{s['lora_bytes']:,}", f"{s['bytes_up']:,}", f"{s['bytes_down']:,}",
+            f"{t['sketch']:.2f}", f"{t['upload']:.2f}", f"{t['wait']:.2f}", f"{t['download']:.2f}", f"{t['revert']:.2f}", f"{worst:.2e}",
+        )
+    console.print(table)

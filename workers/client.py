@@ -1,0 +1,164 @@
+"""A site's gRPC client for the coordinator: join, resumable chunked upload, commit, wait, download.
+
+Every call is idempotent, carries the site's bearer token and a deadline, and waits for the
+channel to be ready; gRPC's own retry policy repeats calls that fail with UNAVAILABLE. Uploads ask
+the coordinator which chunks it lacks first, so a dropped connection or a restarted coordinator
+never costs an acknowledged chunk twice; downloads resume from the bytes already on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from coordinator.config import MAX_CHUNK, MAX_MESSAGE
+from protos.rmm.v1 import federation_pb2 as pb
+from protos.rmm.v1 import federation_pb2_grpc as pb_grpc
+from rmm.errors import RMMError
+from rmm.io import sha256_file
+
+_RETRY = {
+    "methodConfig": [
+        {
+            "name": [{"service": "rmm.v1.Federation"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How a site reaches the coordinator: its token and, unless insecure, TLS material (PEM files)."""
+
+    token: str
+    ca: Path | None = None  # the CA that signed the coordinator's certificate
+    cert: Path | None = None  # the site's client certificate (mutual TLS)
+    key: Path | None = None
+    insecure: bool = False  # plaintext, for loopback development only
+
+
+@dataclass
+class Traffic:
+    bytes_sent: int = 0  # chunk payload bytes uploaded
+    chunks_sent: int = 0
+    chunks_skipped: int = 0  # already held by the coordinator
+    bytes_received: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class FederationClient:
+    def __init__(self, address: str, federation_id: str, site_id: str, credentials: Credentials, *, timeout: float = 60.0):
+        self.federation_id, self.site_id, self.timeout = federation_id, site_id, timeout
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(_RETRY)),
+        ]
+        if credentials.insecure:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+            tls = grpc.ssl_channel_credentials(read(credentials.ca), read(credentials.key), read(credentials.cert))
+            self.channel = grpc.secure_channel(address, tls, options=options)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {credentials.token}"),)
+        self.traffic = Traffic()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method, request, timeout: float | None = None):
+        return method(request, timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=True)
+
+    def _ids(self) -> dict:
+        return {"federation_id": self.federation_id, "site_id": self.site_id}
+
+    def join(self, manifest: pb.SiteManifest) -> dict:
+        response = self._call(self.stub.Join, pb.JoinRequest(manifest=manifest, **self._ids()))
+        return json.loads(response.federation_config_json)
+
+    def upload(self, file: Path, name: str) -> pb.Part:
+        """Send the chunks of `file` the coordinator does not hold yet; returns the part to commit."""
+        hashes, whole = [], hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(MAX_CHUNK), b""):
+                hashes.append(hashlib.sha256(block).hexdigest())
+                whole.update(block)
+        missing = set()
+        for i in range(0, len(hashes), 1000):  # keep each query message small
+            request = pb.MissingChunksRequest(sha256=hashes[i : i + 1000], **self._ids())
+            missing.update(self._call(self.stub.MissingChunks, request).sha256)
+        with open(file, "rb") as f:
+            for digest in hashes:
+                block = f.read(MAX_CHUNK)
+                if digest not in missing:
+                    self.traffic.chunks_skipped += 1
+                    continue
+                self._call(self.stub.UploadChunk, pb.UploadChunkRequest(sha256=digest, data=block, **self._ids()))
+                missing.discard(digest)  # a repeated chunk (same bytes) goes once
+                self.traffic.bytes_sent += len(block)
+                self.traffic.chunks_sent += 1
+        return pb.Part(name=name, chunks=hashes, sha256=whole.hexdigest(), size=file.stat().st_size)
+
+    def commit(self, parts: list[pb.Part]) -> None:
+        self._call(self.stub.Commit, pb.CommitRequest(parts=parts, **self._ids()))
+
+    def status(self) -> pb.StatusResponse:
+        return self._call(self.stub.Status, pb.StatusRequest(**self._ids()))
+
+    def wait(self, timeout: float) -> pb.StatusResponse:
+        """Block until the federation is DONE or FAILED (polling in bounded calls) or `timeout` passes."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            step = max(0.1, min(left, 20.0))
+            status = self._call(self.stub.Status, pb.StatusRequest(wait=True, timeout_seconds=step, **self._ids()), timeout=step + 30)
+            if status.state in ("DONE", "FAILED") or left <= 0:
+                return status
+
+    def download(self, file: Path, attempts: int = 5) -> Path:
+        """The basis into `file`, resuming a partial download; checked chunk by chunk and whole."""
+        status = self.status()
+        if status.state != "DONE":
+            raise RMMError(f"federation {self.federation_id} is {status.state}, not DONE: {status.message}")
+        partial = file.with_name(file.name + ".part")
+        for attempt in range(attempts):
+            offset = partial.stat().st_size if partial.exists() else 0
+            try:
+                with open(partial, "ab") as out:
+                    stream = self.stub.DownloadBasis(
+                        pb.DownloadRequest(offset=offset, **self._ids()), timeout=self.timeout, metadata=self.metadata, wait_for_ready=True
+                    )
+                    for chunk in stream:
+                        if chunk.offset != offset or hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+                            raise RMMError(f"corrupt basis chunk at offset {chunk.offset}", file=partial)
+                        out.write(chunk.data)
+                        offset += len(chunk.data)
+                        self.traffic.bytes_received += len(chunk.data)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        digest = sha256_file(partial)
+        if digest != status.basis_sha256:
+            partial.unlink()
+            raise RMMError(f"downloaded basis sha256 {digest} differs from the coordinator's {status.basis_sha256}", file=file)
+        partial.replace(file)
+        return file
+
+    def report(self) -> dict:
+        return json.loads(self._call(self.stub.Report, pb.ReportRequest(**self._ids())).json)

@@ -1,0 +1,186 @@
+"""A site in a federation: Ray actors hold shards of its adapters; a driver steers them.
+
+Each actor (`SiteShard`) loads its shard in its constructor, so Ray can restart it
+(`max_restarts`) and it reloads itself. It writes its payload (moments, sketch or factors),
+uploads it in chunks, and, once the coordinator has the basis, downloads it, fits its own tasks'
+coefficients and writes its bundle and reverted PEFT adapters locally. The driver (`run_site`)
+joins the federation with the site's manifest, commits the actors' parts and waits.
+One actor per GPU when there are GPUs, otherwise CPU slots; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+
+from protos.rmm.v1 import federation_pb2 as pb
+from rmm import __version__
+from rmm.adapter import check_compatible, open_adapter
+from rmm.bundle import ModuleEntry, MergeOptions
+from rmm.errors import RMMError
+from rmm.merge import merge, module_specs, numbers_original, revert
+from rmm.payload import smallest_exact_numbers, write_payload
+from workers.client import Credentials, FederationClient
+
+
+class SiteShard:
+    """One actor's share of a site's adapters."""
+
+    def __init__(self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials):
+        self.name, self.work = name, Path(work_dir)
+        self.adapters = [open_adapter(d) for d in adapter_dirs]
+        check_compatible(self.adapters)
+        self.client = FederationClient(address, federation_id, site_id, credentials)
+
+    def manifest(self) -> dict:
+        return {
+            "base_model": self.adapters[0].base_model or "",
+            "modules": [m.model_dump() for m in module_specs(self.adapters)],
+            "tasks": [a.name for a in self.adapters],
+            "lora_numbers": numbers_original(self.adapters),
+            "lora_bytes": sum(s.rank * (s.out_features + s.in_features) * a.dtype.itemsize for a in self.adapters for s in a.modules.values()),
+        }
+
+    def upload(self, modules: list[dict], kind: str, q: int, canonical: bool) -> tuple[bytes, dict]:
+        """Write this shard's payload against the federation's modules and send what the coordinator lacks."""
+        entries = [ModuleEntry(**m) for m in modules]
+        clock = time.perf_counter()
+        self.work.mkdir(parents=True, exist_ok=True)
+        file = self.work / f"{self.name}.payload.safetensors"
+        written = write_payload(self.adapters, entries, file, kind, q=q, canonical=canonical)
+        sketch = time.perf_counter() - clock
+        clock = time.perf_counter()
+        part = self.client.upload(file, self.name)
+        positions = sum(m.out_features + m.in_features for m in entries)
+        stats = {
+            "sketch_seconds": sketch,
+            "upload_seconds": time.perf_counter() - clock,
+            "payload_numbers": written.numbers,
+            "payload_bytes": written.bytes,
+            "smallest_exact_numbers": sum(
+                smallest_exact_numbers(m.out_features + m.in_features, m.rank, len(self.adapters)) for m in entries
+            ),
+            "positions": positions,
+            "bytes_sent": self.client.traffic.bytes_sent,
+            "chunks_sent": self.client.traffic.chunks_sent,
+            "chunks_skipped": self.client.traffic.chunks_skipped,
+        }
+        return part.SerializeToString(), stats
+
+    def finish(self, options: dict, out_dir: str) -> dict:
+        """Download the basis, fit this shard's coefficients, write its bundle and reverted adapters."""
+        clock = time.perf_counter()
+        basis = self.client.download(self.work / "basis.safetensors")
+        download = time.perf_counter() - clock
+        clock = time.perf_counter()
+        bundle = Path(out_dir) / "bundles" / self.name
+        manifest = merge([a.path for a in self.adapters], bundle, MergeOptions(**options), basis=basis, progress=False, force=True)
+        revert(bundle, Path(out_dir) / "reverted", progress=False)
+        return {
+            "download_seconds": download,
+            "revert_seconds": time.perf_counter() - clock,
+            "bytes_received": self.client.traffic.bytes_received,
+            "errors": manifest.report.errors,
+        }
+
+
+def run_site(
+    address: str,
+    federation_id: str,
+    site_id: str,
+    credentials: Credentials,
+    adapter_dirs: list[str | Path],
+    out: str | Path,
+    *,
+    upload: str = "moments",
+    sketch_rank: int = 0,
+    canonicalize: bool = False,
+    allow_factors: bool = False,
+    actors: int | None = None,
+    actor_cpus: float = 1.0,
+    wait_timeout: float = 3600.0,
+    on_stage=lambda site, stage: None,
+) -> dict:
+    """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors."""
+    if upload == "factors" and not allow_factors:
+        raise RMMError("the 'factors' upload sends raw adapters to the coordinator; pass --allow-factors to opt in")
+    out = Path(out)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n = max(1, min(actors or gpus or 1, len(adapter_dirs)))
+    shards = [[str(d) for d in adapter_dirs[i::n]] for i in range(n)]
+    Actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else actor_cpus, max_restarts=2, max_task_retries=2)(SiteShard)
+    handles = [
+        Actor.remote(f"{site_id}-{i}", shard, str(out / "work" / f"{i}"), address, federation_id, site_id, credentials)
+        for i, shard in enumerate(shards)
+    ]
+    seconds = {}
+    clock = time.perf_counter()
+    manifests = ray.get([h.manifest.remote() for h in handles])
+    client = FederationClient(address, federation_id, site_id, credentials)
+    try:
+        # The coordinator refuses a site whose canonicalisation differs from the federation's:
+        # mixing canonical and raw factors would misalign positions across sites.
+        config = client.join(_site_manifest(manifests, upload, sketch_rank, canonicalize))
+        on_stage(site_id, "upload")
+        results = ray.get([h.upload.remote(config["modules"], upload, sketch_rank, config["canonicalize"]) for h in handles])
+        seconds["sketch_and_upload"] = time.perf_counter() - clock
+        client.commit([pb.Part.FromString(part) for part, _ in results])
+        on_stage(site_id, "wait")
+        clock = time.perf_counter()
+        status = client.wait(wait_timeout)
+        seconds["wait"] = time.perf_counter() - clock
+        if status.state != "DONE":
+            raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
+        on_stage(site_id, "revert")
+        options = {"basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
+        finished = ray.get([h.finish.remote(options, str(out)) for h in handles])
+    finally:
+        client.close()
+        for h in handles:
+            ray.kill(h)
+    stats = [s for _, s in results]
+    return {
+        "site": site_id,
+        "tasks": [t for m in manifests for t in m["tasks"]],
+        "actors": n,
+        "upload": upload,
+        "lora_bytes": sum(m["lora_bytes"] for m in manifests),
+        "payload_bytes": sum(s["payload_bytes"] for s in stats),
+        "payload_numbers": sum(s["payload_numbers"] for s in stats),
+        "smallest_exact_numbers": sum(s["smallest_exact_numbers"] for s in stats),
+        "bytes_up": sum(s["bytes_sent"] for s in stats),
+        "chunks_skipped": sum(s["chunks_skipped"] for s in stats),
+        "bytes_down": sum(f["bytes_received"] for f in finished),
+        "seconds": {
+            **seconds,
+            "sketch": max(s["sketch_seconds"] for s in stats),
+            "upload": max(s["upload_seconds"] for s in stats),
+            "download": max(f["download_seconds"] for f in finished),
+            "revert": max(f["revert_seconds"] for f in finished),
+        },
+        "errors": {t: e for f in finished for t, e in f["errors"].items()},
+        "reverted": str(out / "reverted"),
+    }
+
+
+def _site_manifest(manifests: list[dict], upload: str, sketch_rank: int, canonicalize: bool) -> pb.SiteManifest:
+    """The site's manifest from its actors': every shard must hold the same base model and modules."""
+    first = manifests[0]
+    ranks = {m["name"]: m["rank"] for m in first["modules"]}
+    for other in manifests[1:]:
+        if other["base_model"] != first["base_model"] or [m["name"] for m in other["modules"]] != list(ranks):
+            raise RMMError("the site's adapter shards disagree on the base model or module set")
+        for m in other["modules"]:
+            ranks[m["name"]] = max(ranks[m["name"]], m["rank"])
+    return pb.SiteManifest(
+        base_model=first["base_model"],
+        modules=[pb.Module(name=m["name"], out_features=m["out_features"], in_features=m["in_features"], rank=ranks[m["name"]]) for m in first["modules"]],
+        tasks=[t for m in manifests for t in m["tasks"]],
+        upload_kind=upload,
+        sketch_rank=sketch_rank,
+        lora_numbers=sum(m["lora_numbers"] for m in manifests),
+        canonicalize=canonicalize,
+        tool_version=__version__,
+    )
