@@ -7,6 +7,7 @@ import zlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from pathlib import Path
 
@@ -74,3 +75,15 @@ def adapters(llama_base, tmp_path_factory) -> list[Path]:
     """Five rank-4 adapters on the tiny Llama, saved by PEFT."""
     root = tmp_path_factory.mktemp("adapters")
     return [make_adapter(llama_base, root / f"task{t}", seed=t) for t in range(5)]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray for the whole session (ray.init costs seconds)."""
+    import ray
+
+    from workers.simulate import ensure_ray
+
+    ensure_ray()
+    yield ray
+    ray.shutdown()

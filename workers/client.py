@@ -59,8 +59,12 @@ class Traffic:
 
 
 class FederationClient:
-    def __init__(self, address: str, federation_id: str, site_id: str, credentials: Credentials, *, timeout: float = 60.0):
-        self.federation_id, self.site_id, self.timeout = federation_id, site_id, timeout
+    def __init__(
+        self, address: str, federation_id: str, site_id: str, credentials: Credentials, *, timeout: float = 60.0, chunk_size: int = MAX_CHUNK
+    ):
+        if not 0 < chunk_size <= MAX_CHUNK:
+            raise RMMError(f"chunk size must be between 1 and {MAX_CHUNK} bytes, got {chunk_size}")
+        self.federation_id, self.site_id, self.timeout, self.chunk_size = federation_id, site_id, timeout, chunk_size
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -94,7 +98,7 @@ class FederationClient:
         """Send the chunks of `file` the coordinator does not hold yet; returns the part to commit."""
         hashes, whole = [], hashlib.sha256()
         with open(file, "rb") as f:
-            for block in iter(lambda: f.read(MAX_CHUNK), b""):
+            for block in iter(lambda: f.read(self.chunk_size), b""):
                 hashes.append(hashlib.sha256(block).hexdigest())
                 whole.update(block)
         missing = set()
@@ -103,7 +107,7 @@ class FederationClient:
             missing.update(self._call(self.stub.MissingChunks, request).sha256)
         with open(file, "rb") as f:
             for digest in hashes:
-                block = f.read(MAX_CHUNK)
+                block = f.read(self.chunk_size)
                 if digest not in missing:
                     self.traffic.chunks_skipped += 1
                     continue

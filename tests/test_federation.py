@@ -1,0 +1,173 @@
+"""Federated == centralised through real Ray actors and a real gRPC coordinator on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+
+from conftest import make_adapter
+from coordinator.certs import make_dev_certs
+from coordinator.config import CoordinatorConfig, FederationConfig, Site, token_hash
+from protos.rmm.v1 import federation_pb2 as pb
+from rmm.adapter import open_adapter
+from rmm.bundle import MergeOptions
+from rmm.merge import merge, module_specs, numbers_original, plan_modules, revert
+from rmm.payload import write_payload
+from workers.client import Credentials, FederationClient
+from workers.simulate import BackgroundCoordinator, simulate
+
+OPTIONS = MergeOptions(basis_size=3, canonicalize=True)
+
+
+@pytest.fixture(scope="module")
+def seven(llama_base, tmp_path_factory):
+    """Seven related adapters of ranks 2, 4 and 6, to be split 1 / 2 / 4 across three sites."""
+    root = tmp_path_factory.mktemp("seven")
+    return [make_adapter(llama_base, root / f"t{i}", seed=20 + i, shared=0.5, r=2 + 2 * (i % 3)) for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def centralised(seven, tmp_path_factory):
+    out = tmp_path_factory.mktemp("central")
+    merge(seven, out / "bundle", OPTIONS, progress=False)
+    revert(out / "bundle", out / "reverted", progress=False)
+    return out / "reverted"
+
+
+def _dW(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    a = open_adapter(adapter_dir)
+    return {m: (lambda B, A: B @ A)(*a.load_factors(m)) for m in a.modules}
+
+
+def _assert_same_adapters(got_dir: Path, want_dir: Path, names):
+    for name in names:
+        got, want = _dW(got_dir / name), _dW(want_dir / name)
+        assert got.keys() == want.keys()
+        for m in want:
+            assert ((got[m] - want[m]).norm() / want[m].norm()).item() < 1e-5, (name, m)
+
+
+@pytest.mark.parametrize("kind", ["moments", "sketch", "factors"])
+def test_simulated_federation_equals_centralised_merge(ray_cluster, seven, centralised, tmp_path, kind):
+    shards = [seven[:1], seven[1:3], seven[3:]]
+    report = simulate(seven, 3, tmp_path, OPTIONS, upload=kind, sketch_rank=6, shards=shards)
+    assert [len(s["tasks"]) for s in report["sites"]] == [1, 2, 4]
+    for site in report["sites"]:
+        _assert_same_adapters(Path(site["reverted"]), centralised, site["tasks"])
+        assert site["bytes_up"] == site["payload_bytes"] > 0 and site["bytes_down"] > 0
+    assert report["coordinator"]["state"] == "DONE"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_coordinator_and_two_sites_in_their_own_processes_over_mtls(ray_cluster, seven, centralised, tmp_path):
+    certs = make_dev_certs(tmp_path / "certs", ["a", "b"])
+    tokens = {"a": "token-of-a", "b": "token-of-b"}
+    port = _free_port()
+    adapters = [open_adapter(p) for p in seven]
+    federation = FederationConfig(
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=3, canonicalize=True,
+        sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()}, min_sites=2, deadline_seconds=300,
+    )
+    config = {
+        "port": port, "state_dir": str(tmp_path / "state"), "federations": [federation.model_dump(mode="json")],
+        "tls": {"cert": str(certs["server_cert"]), "key": str(certs["server_key"]), "client_ca": str(certs["ca_cert"])},
+    }
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    rmm = [sys.executable, "-m", "rmm.cli"]
+    server = subprocess.Popen([*rmm, "coordinator", "serve", "--config", str(tmp_path / "fed.yaml")], env=env, stderr=subprocess.PIPE, text=True)
+    sites = []
+    try:
+        address = ray_cluster.get_runtime_context().gcs_address
+        for site, shard in (("a", seven[:3]), ("b", seven[3:])):
+            (tmp_path / f"{site}.token").write_text(tokens[site])
+            sites.append(subprocess.Popen(
+                [*rmm, "site", "run", "--coordinator", f"127.0.0.1:{port}", "--federation", "fed", "--site", site,
+                 "--token-file", str(tmp_path / f"{site}.token"), "--ca", str(certs["ca_cert"]), "--cert", str(certs[f"{site}_cert"]),
+                 "--key", str(certs[f"{site}_key"]), "--adapters", *map(str, shard), "--canonicalize",
+                 "--ray-address", address, "--out", str(tmp_path / site), "--json"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        for p in sites:
+            out, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in sites:
+            p.kill()
+        server.terminate()
+        server.wait(30)
+    _assert_same_adapters(tmp_path / "a" / "reverted", centralised, [p.name for p in seven[:3]])
+    _assert_same_adapters(tmp_path / "b" / "reverted", centralised, [p.name for p in seven[3:]])
+
+
+def test_upload_resumes_after_a_dropped_connection_and_a_coordinator_restart(seven, tmp_path):
+    """Chunks acknowledged before the drop are not sent again, even to a restarted coordinator."""
+    adapters = [open_adapter(p) for p in seven]
+    federation = FederationConfig(
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2,
+        sites={"a": Site(token_sha256=token_hash("t"))}, upload_kinds=["factors"],
+    )
+    config = CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
+    modules = plan_modules(module_specs(adapters), 7, numbers_original(adapters), MergeOptions(basis_size=2))
+    payload = tmp_path / "a.safetensors"
+    write_payload(adapters, modules, payload, "factors")
+    manifest = pb.SiteManifest(
+        base_model=federation.base_model, tasks=[a.name for a in adapters], upload_kind="factors", lora_numbers=numbers_original(adapters),
+        modules=[pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in federation.modules],
+    )
+    chunk = 4096
+    credentials = Credentials(token="t", insecure=True)
+
+    coordinator = BackgroundCoordinator(config)
+    client = FederationClient(f"127.0.0.1:{coordinator.port}", "fed", "a", credentials, chunk_size=chunk)
+    client.join(manifest)
+    data = payload.read_bytes()
+    total = -(-len(data) // chunk)
+    assert total > 4
+    for i in range(3):  # the connection drops after three acknowledged chunks
+        block = data[i * chunk : (i + 1) * chunk]
+        client.stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=hashlib.sha256(block).hexdigest(), data=block), metadata=client.metadata)
+    client.close()
+    coordinator.stop()
+
+    coordinator = BackgroundCoordinator(config)  # a new process's worth of state: only the disk
+    try:
+        client = FederationClient(f"127.0.0.1:{coordinator.port}", "fed", "a", credentials, chunk_size=chunk)
+        part = client.upload(payload, "a-0")
+        assert (client.traffic.chunks_skipped, client.traffic.chunks_sent) == (3, total - 3)
+        client.commit([part])
+        assert client.wait(60).state == "DONE"
+        client.download(tmp_path / "basis.safetensors")
+        client.close()
+    finally:
+        coordinator.stop()
+
+
+def test_unauthenticated_site_cannot_join(seven, tmp_path):
+    adapters = [open_adapter(p) for p in seven]
+    federation = FederationConfig(
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2, sites={"a": Site(token_sha256=token_hash("t"))}
+    )
+    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
+    try:
+        client = FederationClient(f"127.0.0.1:{coordinator.port}", "fed", "a", Credentials(token="wrong", insecure=True), timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            client.join(pb.SiteManifest(base_model=federation.base_model, tasks=["x"], upload_kind="moments"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        client.close()
+    finally:
+        coordinator.stop()
