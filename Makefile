@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m rmm.demo
+	$(BIN)/python -m workers.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py

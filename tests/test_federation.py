@@ -18,7 +18,7 @@ from conftest import make_adapter
 from coordinator.certs import make_dev_certs
 from coordinator.config import CoordinatorConfig, FederationConfig, Site, token_hash
 from protos.rmm.v1 import federation_pb2 as pb
-from rmm.adapter import open_adapter
+from rmm.adapter import delta_weight, open_adapter
 from rmm.bundle import MergeOptions
 from rmm.merge import merge, module_specs, numbers_original, plan_modules, revert
 from rmm.payload import write_payload
@@ -45,7 +45,7 @@ def centralised(seven, tmp_path_factory):
 
 def _dW(adapter_dir: Path) -> dict[str, torch.Tensor]:
     a = open_adapter(adapter_dir)
-    return {m: (lambda B, A: B @ A)(*a.load_factors(m)) for m in a.modules}
+    return {m: delta_weight(*a.load_factors(m)) for m in a.modules}
 
 
 def _assert_same_adapters(got_dir: Path, want_dir: Path, names):

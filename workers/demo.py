@@ -1,6 +1,7 @@
-"""`make demo`: train (or load) the example adapters, merge them at a few budgets, revert, compare.
+"""`make demo`: train (or load) the example adapters, merge them centrally at a few budgets, run the
+same merge as a federation of 3 sites (`rmm simulate`), revert everything and compare accuracy.
 
-Every merge and revert goes through the `rmm` command itself, printed before it runs.
+Every merge, revert and simulation goes through the `rmm` command itself, printed before it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rmm.cli import main as rmm
+from rmm.adapter import delta_weight, open_adapter
 from rmm.examples import build_examples, evaluate
 from rmm.summary import inspect_bundle
 
@@ -27,6 +29,8 @@ SETTINGS = [
     ("0.75 c", ["--storage-ratio", "0.75", "--canonicalize"]),
     ("full p", ["--basis-size", "64"]),
 ]
+FEDERATED = ("fed 0.75 c", ["--storage-ratio", "0.75", "--canonicalize"])  # the same budget as "0.75 c", over 3 sites
+SITES = 3
 
 
 def run(out: Path) -> dict:
@@ -47,9 +51,20 @@ def run(out: Path) -> dict:
         summaries[label] = inspect_bundle(bundle)
         results[label] = {t: evaluate(examples.base_dir, reverted / t, t) for t in tasks}
 
+    label, extra = FEDERATED
+    fed = out / "federated"
+    console.print(f"[dim]$ rmm simulate --sites {SITES} --adapters $A/* --out {fed} {shlex.join(extra)}[/]", highlight=False)
+    _rmm(["simulate", "--sites", str(SITES), "--adapters", *map(str, examples.adapters.values()), "--out", str(fed), *extra])
+    report = json.loads((fed / "report.json").read_text())
+    where = {t: Path(s["reverted"]) / t for s in report["sites"] for t in s["tasks"]}
+    results[label] = {t: evaluate(examples.base_dir, where[t], t) for t in tasks}
+    same = max(_relative_difference(where[t], out / _slug("0.75 c") / "reverted" / t) for t in tasks)
+    summaries[label] = {**summaries["0.75 c"]}  # same budget, same basis: storage and p are the central run's
+    console.print(f"federated vs centralised '0.75 c': largest relative dW difference over all tasks and modules {same:.1e}", highlight=False)
+
     table = Table(
         title=f"held-out accuracy: {len(tasks)} tasks, original adapters vs reverted from bundles",
-        caption="columns: --storage-ratio R (c: --canonicalize); LoRA off = the task's head without its LoRA",
+        caption=f"columns: --storage-ratio R (c: --canonicalize); fed: the same merge by {SITES} sites over gRPC; LoRA off: the task's head without its LoRA",
     )
     table.add_column("task", no_wrap=True)
     for column in results:
@@ -62,17 +77,33 @@ def run(out: Path) -> dict:
     table.add_row("p", "", "", *(str(s["p"]) for s in summaries.values()))
     table.add_row("dW error", "", "0", *(f"{_mean_error(s):.3f}" for s in summaries.values()))
     console.print(table)
-    record = {"accuracy": results, "storage": {k: s["storage"] for k, s in summaries.items()}, "p": {k: s["p"] for k, s in summaries.items()}}
+    record = {
+        "accuracy": results,
+        "storage": {k: s["storage"] for k, s in summaries.items()},
+        "p": {k: s["p"] for k, s in summaries.items()},
+        "federated_vs_centralised_max_relative_dW_difference": same,
+        "federation": {s["site"]: {k: s[k] for k in ("tasks", "bytes_up", "bytes_down", "lora_bytes", "seconds")} for s in report["sites"]},
+    }
     (out / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
     console.print(f"results: {out / 'demo.json'}")
     return record
 
 
 def _rmm(argv: list[str]) -> None:
-    if argv[0] != "merge":  # merge is printed by the caller, with the adapter paths shortened
+    if argv[0] not in ("merge", "simulate"):  # printed by the caller, with the adapter paths shortened
         console.print(f"[dim]$ rmm {shlex.join(argv)}[/]", highlight=False)
     if rmm(argv) != 0:
         raise SystemExit(f"rmm {argv[0]} failed")
+
+
+def _relative_difference(a: Path, b: Path) -> float:
+    """Largest ||dW_a - dW_b|| / ||dW_b|| over the modules of two adapters."""
+    x, y = open_adapter(a), open_adapter(b)
+    worst = 0.0
+    for m in y.modules:
+        dx, dy = delta_weight(*x.load_factors(m)), delta_weight(*y.load_factors(m))
+        worst = max(worst, ((dx - dy).norm() / dy.norm()).item())
+    return worst
 
 
 def _mean_error(summary: dict) -> float:
