@@ -23,13 +23,16 @@ VALID_DAYS = 365
 def make_dev_certs(out_dir: str | Path, sites: list[str], hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> dict[str, Path]:
     """Write ca.pem/ca.key, server.pem/server.key (SANs: `hosts`) and sites/<site>.pem/.key (CN = site id).
 
-    Returns their paths under the keys "ca", "ca_key", "server_cert", "server_key", "<site>.cert"
-    and "<site>.key". Refuses a directory that already holds a CA: replacing it would silently
-    invalidate every certificate it signed.
+    Returns their paths under the keys "ca_cert", "ca_key", "server_cert", "server_key",
+    "<site>_cert" and "<site>_key". Refuses a directory that already holds a CA: replacing it would
+    silently invalidate every certificate it signed.
     """
     out = Path(out_dir)
     if (out / "ca.pem").exists():
         raise RMMError("already holds a development CA; remove the directory or choose another one", file=out)
+    reserved = {"ca", "server"} & set(sites)
+    if reserved:
+        raise RMMError(f"site id {reserved.pop()!r} would share its key names with the CA or server files; name the site differently")
     (out / "sites").mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rmm development CA")])
@@ -39,7 +42,7 @@ def make_dev_certs(out_dir: str | Path, sites: list[str], hosts: tuple[str, ...]
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    paths = {"ca": _write_cert(out / "ca.pem", ca), "ca_key": _write_key(out / "ca.key", ca_key)}
+    paths = {"ca_cert": _write_cert(out / "ca.pem", ca), "ca_key": _write_key(out / "ca.key", ca_key)}
 
     server_key = ec.generate_private_key(ec.SECP256R1())
     names = [_san(h) for h in hosts]
@@ -61,8 +64,8 @@ def make_dev_certs(out_dir: str | Path, sites: list[str], hosts: tuple[str, ...]
             .add_extension(_key_usage(cert_sign=False), critical=True)
             .sign(ca_key, hashes.SHA256())
         )
-        paths[f"{site}.cert"] = _write_cert(out / "sites" / f"{site}.pem", cert)
-        paths[f"{site}.key"] = _write_key(out / "sites" / f"{site}.key", key)
+        paths[f"{site}_cert"] = _write_cert(out / "sites" / f"{site}.pem", cert)
+        paths[f"{site}_key"] = _write_key(out / "sites" / f"{site}.key", key)
     return paths
 
 
@@ -102,6 +105,7 @@ def _write_key(path: Path, key) -> Path:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     # Created 0600 from the start, so the key is never readable by others, not even briefly.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return path

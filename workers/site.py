@@ -58,7 +58,7 @@ class SiteShard:
             "sketch_seconds": sketch,
             "upload_seconds": time.perf_counter() - clock,
             "payload_numbers": written.numbers,
-            "payload_bytes": written.bytes,
+            "payload_bytes": file.stat().st_size,
             "smallest_exact_numbers": sum(
                 smallest_exact_numbers(m.out_features + m.in_features, m.rank, len(self.adapters)) for m in entries
             ),

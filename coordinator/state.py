@@ -1,0 +1,462 @@
+"""The coordinator's durable state of one federation, under `state_dir/<federation id>/`:
+
+    config.json                            the federation config as first served
+    created.json                           creation time: deadlines count from it across restarts
+    sites/<site>/manifest.json             the joined SiteManifest (protobuf JSON)
+    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed; dropped once committed
+    sites/<site>/parts/<name>.safetensors  the assembled parts, in place only at a successful commit
+    sites/<site>/commit.json               the commit (parts, tasks, time); written last, so it marks it
+    sites/<site>/traffic.json              bytes received from and sent to the site
+    result/basis.safetensors, result.json  DONE with the basis, or FAILED with why
+
+Every file is written under a temporary name and renamed into place (fsynced first), so a
+coordinator killed at any moment restarts from whole files: an acknowledged chunk is on disk, a
+commit is complete or absent, a result is complete or absent. Leftover temporaries are removed
+on start.
+
+Methods that write run in worker threads (`asyncio.to_thread`); `_lock` orders the few steps that
+must not interleave: a commit landing, a join, and the federation closing for aggregation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import torch
+from google.protobuf import json_format
+
+from coordinator.config import MAX_CHUNK, FederationConfig
+from protos.rmm.v1 import federation_pb2 as pb
+from rmm.bundle import BASIS_FILE, FACTORS
+from rmm.errors import RMMError
+from rmm.io import atomic_dir, open_safetensors, sha256_file
+from rmm.merge import plan_modules
+from rmm.payload import aggregate, read_payload
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # part names become file names
+
+
+class Refused(Exception):
+    """A call refused with a gRPC status code and a message that says what to do. Nothing changed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    # A unique temporary name: two retries of one chunk may be written at the same time.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # The rename itself must reach the disk too before the write is acknowledged.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=1).encode())
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+class FederationState:
+    def __init__(self, state_dir: Path, config: FederationConfig):
+        self.config = config
+        self.dir = Path(state_dir) / config.id
+        self._lock = threading.Lock()
+        self.closing: str | None = None  # why the federation closed, until its result is written; in memory only
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_temporaries()
+        self._check_config()
+        created = self.dir / "created.json"
+        if not created.exists():
+            _write_json(created, {"created": time.time()})
+        self.created: float = json.loads(created.read_text())["created"]
+        self.manifests: dict[str, pb.SiteManifest] = {}
+        self.commits: dict[str, dict] = {}
+        self.traffic: dict[str, dict[str, int]] = {}
+        for site_dir in sorted((self.dir / "sites").glob("*")):
+            self._load_site(site_dir.name, site_dir)
+        result = self.dir / "result" / "result.json"
+        self.result: dict | None = json.loads(result.read_text()) if result.exists() else None
+
+    def _remove_temporaries(self) -> None:
+        # Temporary files, commit staging and atomic_dir's result directory of a killed coordinator.
+        for p in sorted(self.dir.rglob(".*"), reverse=True):  # children before their directories
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    def _check_config(self) -> None:
+        file = self.dir / "config.json"
+        now = self.config.model_dump(mode="json")
+        if not file.exists():
+            _write_json(file, now)
+            return
+        before = json.loads(file.read_text())
+        if before != now:
+            field = next(k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k))
+            then, now = (repr(x.get(field))[:80] for x in (before, now))  # a module list can be long
+            raise RMMError(
+                f"federation {self.config.id!r} was started with another config ({field}: {then} then, {now} now); "
+                "restore that config, or give the changed federation a new id",
+                file=file,
+            )
+
+    def _load_site(self, site: str, site_dir: Path) -> None:
+        if (site_dir / "manifest.json").exists():
+            self.manifests[site] = json_format.Parse((site_dir / "manifest.json").read_text(), pb.SiteManifest())
+        if (site_dir / "commit.json").exists():
+            self.commits[site] = json.loads((site_dir / "commit.json").read_text())
+            shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # a crash between a commit and its cleanup
+        else:
+            shutil.rmtree(site_dir / "parts", ignore_errors=True)  # a crash between the parts and commit.json
+        if (site_dir / "traffic.json").exists():
+            self.traffic[site] = json.loads((site_dir / "traffic.json").read_text())
+
+    # -- what the federation is waiting for ------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.result["state"] if self.result else "OPEN"
+
+    @property
+    def deadline(self) -> float:
+        return self.created + self.config.deadline_seconds
+
+    def missing_sites(self) -> list[str]:
+        return [s for s in self.config.sites if s not in self.commits]
+
+    def message(self) -> str:
+        if self.result:
+            return self.result["message"]
+        if self.closing:
+            return self.closing
+        waiting = ", ".join(self.missing_sites())
+        return (
+            f"waiting for {waiting}: {len(self.commits)} of {len(self.config.sites)} sites committed, "
+            f"min_sites={self.config.min_sites}, deadline in {max(0.0, self.deadline - time.time()):.0f} s"
+        )
+
+    def due(self, now: float) -> list[str] | str | None:
+        """Whether to close now: the sites to aggregate, or why the federation fails, or None to wait.
+
+        Closing is final for this process: later commits are refused, so the basis covers exactly
+        the sites it names.
+        """
+        with self._lock:
+            if self.result or self.closing:
+                return None
+            if self.missing_sites() and now < self.deadline:
+                return None
+            if len(self.commits) >= self.config.min_sites:
+                sites = sorted(self.commits)
+                self.closing = f"aggregating {len(sites)} sites ({', '.join(sites)})"
+                return sites
+            self.closing = (
+                f"deadline passed: {len(self.commits)} of min_sites={self.config.min_sites} sites committed "
+                f"({', '.join(self.missing_sites())} missing)"
+            )
+            return self.closing
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    def join(self, site: str, manifest: pb.SiteManifest) -> str:
+        with self._lock:
+            before = self.manifests.get(site)
+            if before == manifest:
+                return "joined again (same manifest)"
+            if self.result or self.closing:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"federation {self.config.id} is closed ({self.message()}); it takes no more joins")
+            if site in self.commits:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed with another manifest; a commit is final")
+            _check_manifest(self.config, manifest, {s: m for s, m in self.manifests.items() if s != site})
+            site_dir = self.dir / "sites" / site
+            site_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(site_dir / "manifest.json", json_format.MessageToJson(manifest).encode())
+            self.manifests[site] = manifest
+            return "joined" if before is None else "joined with a new manifest"
+
+    def missing_chunks(self, site: str, digests: list[str]) -> list[str]:
+        self._joined(site)
+        bad = [d for d in digests if not SHA256.match(d)]
+        if bad:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{bad[0]!r} is not a sha256 (64 lowercase hex digits)")
+        if site in self.commits:  # the chunks are gone, their bytes are in the committed parts
+            held = {c for part in self.commits[site]["parts"] for c in part["chunks"]}
+            return [d for d in digests if d not in held]
+        chunks = self.dir / "sites" / site / "chunks"
+        return [d for d in digests if not (chunks / d).is_file()]
+
+    def store_chunk(self, site: str, digest: str, data: bytes) -> bool:
+        """Store one chunk; True when it was already stored."""
+        self._joined(site)
+        self._still_uploading(site)
+        if len(data) > MAX_CHUNK:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK}-byte limit; split parts into smaller chunks")
+        if not SHA256.match(digest):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{digest!r} is not a sha256 (64 lowercase hex digits)")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"chunk sha256 is {actual}, not {digest} as sent; the chunk was damaged, send it again")
+        chunks = self.dir / "sites" / site / "chunks"
+        chunks.mkdir(exist_ok=True)
+        already = (chunks / digest).is_file()
+        if not already:
+            write_atomic(chunks / digest, data)
+        self.count(site, received=len(data))
+        return already
+
+    def commit(self, site: str, parts: list[pb.Part]) -> str:
+        manifest = self._joined(site)
+        record = [{"name": p.name, "chunks": list(p.chunks), "sha256": p.sha256, "size": p.size} for p in parts]
+        if site in self.commits:
+            return self._same_commit(site, record)
+        self._still_uploading(site)
+        _check_parts(record)
+        site_dir = self.dir / "sites" / site
+        wanted = {c for part in record for c in part["chunks"]}
+        missing = [c for c in wanted if not (site_dir / "chunks" / c).is_file()]
+        if missing:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{len(missing)} of {len(wanted)} chunks are not stored; upload them (MissingChunks lists them) and commit again",
+            )
+        staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=site_dir))
+        try:
+            tasks = 0
+            for part in record:
+                file = staging / f"{part['name']}.safetensors"
+                _assemble(site_dir / "chunks", part, file)
+                tasks += self._check_payload(file, part["name"], manifest)
+            if tasks != len(manifest.tasks):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the parts hold {tasks} tasks, the manifest lists {len(manifest.tasks)}; upload every task's share once")
+            with self._lock:
+                if site in self.commits:  # a concurrent retry of this commit landed first
+                    return self._same_commit(site, record)
+                if self.manifests[site] is not manifest:
+                    raise Refused(grpc.StatusCode.ABORTED, "the site joined again with another manifest during this commit; commit again")
+                self._still_uploading(site)
+                shutil.rmtree(site_dir / "parts", ignore_errors=True)
+                staging.rename(site_dir / "parts")
+                self.commits[site] = {"parts": record, "tasks": tasks, "committed": time.time()}
+                _write_json(site_dir / "commit.json", self.commits[site])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # the parts hold the same bytes now
+        return f"committed {len(record)} parts, {tasks} tasks"
+
+    def count(self, site: str, *, received: int = 0, sent: int = 0) -> None:
+        with self._lock:
+            t = self.traffic.setdefault(site, {"bytes_received": 0, "bytes_sent": 0})
+            t["bytes_received"] += received
+            t["bytes_sent"] += sent
+            (self.dir / "sites" / site).mkdir(parents=True, exist_ok=True)
+            _write_json(self.dir / "sites" / site / "traffic.json", t)
+
+    def basis_file(self) -> Path:
+        if self.state != "DONE":
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"federation {self.config.id} is {self.state}, not DONE: {self.message()}; wait with Status")
+        return self.dir / "result" / BASIS_FILE
+
+    def _joined(self, site: str) -> pb.SiteManifest:
+        if site not in self.manifests:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} has not joined federation {self.config.id}; call Join first")
+        return self.manifests[site]
+
+    def _still_uploading(self, site: str) -> None:
+        if site in self.commits:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed; nothing more to upload")
+        if self.result or self.closing:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"federation {self.config.id} closed ({self.message()}); it takes no more uploads")
+
+    def _same_commit(self, site: str, record: list[dict]) -> str:
+        if self.commits[site]["parts"] != record:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed other parts; a commit is final")
+        return "committed again (same parts)"
+
+    def _check_payload(self, file: Path, name: str, manifest: pb.SiteManifest) -> int:
+        """The part's task count, once it reads as a payload of the site's kind that fits every module."""
+        def bad(reason: str) -> Refused:
+            return Refused(grpc.StatusCode.INVALID_ARGUMENT, f"part {name}: {reason}")
+
+        try:
+            with open_safetensors(file) as f:
+                meta = f.metadata() or {}
+            if meta.get("kind") != manifest.upload_kind:
+                raise bad(f"payload kind {meta.get('kind')!r}, but the site joined with upload kind {manifest.upload_kind!r}")
+            n = int(meta.get("n", "0"))
+            for module, moments in zip(self.config.modules, read_payload(file, self.config.modules)):
+                for factor, positions in zip(FACTORS, (module.out_features, module.in_features)):
+                    m, r = moments[factor], module.rank
+                    if m.n != n or m.s1.shape != (positions, r) or m.s2.shape != (positions, r, r):
+                        raise bad(f"module {module.name} factor {factor} does not fit {positions} positions of rank {r} for {n} tasks")
+                    if not (torch.isfinite(m.s1).all() and torch.isfinite(m.s2).all()):
+                        raise bad(f"module {module.name} factor {factor} holds NaN or infinite values")
+        except RMMError as e:
+            raise bad(f"not a valid {manifest.upload_kind} payload: {e.reason}" + (f" (module {e.module})" if e.module else "")) from None
+        except ValueError as e:
+            raise bad(f"not a valid {manifest.upload_kind} payload: {e}") from None
+        return n
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def aggregate(self, sites: list[str]) -> None:
+        """Plan the basis sizes for the committed tasks, sum every part's moments and solve; DONE."""
+        started = time.time()
+        clock = time.perf_counter()
+        manifests = [self.manifests[s] for s in sites]
+        tasks = [t for m in manifests for t in m.tasks]
+        modules = plan_modules(self.config.modules, len(tasks), sum(m.lora_numbers for m in manifests), self.config.merge_options())
+        parts = [self.dir / "sites" / s / "parts" / f"{p['name']}.safetensors" for s in sites for p in self.commits[s]["parts"]]
+        with atomic_dir(self.dir / "result") as tmp:
+            energy = aggregate(parts, modules, tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
+            solved = time.perf_counter()
+            result = {
+                "state": "DONE",
+                "message": f"aggregated {len(tasks)} tasks of {len(sites)} sites ({', '.join(sites)})",
+                "sites": sites,
+                "tasks": tasks,
+                "modules": [m.model_dump() for m in modules],
+                "energy": energy,
+                "basis_sha256": sha256_file(tmp / BASIS_FILE),
+                "basis_size": (tmp / BASIS_FILE).stat().st_size,
+                "seconds": {"collect": started - self.created, "aggregate": solved - clock, "hash": time.perf_counter() - solved},
+                "finished": time.time(),
+            }
+            _write_json(tmp / "result.json", result)
+        self.result = result
+
+    def fail(self, message: str) -> None:
+        with atomic_dir(self.dir / "result") as tmp:
+            result = {"state": "FAILED", "message": message, "sites": sorted(self.commits), "finished": time.time()}
+            _write_json(tmp / "result.json", result)
+        self.result = result
+
+    def report(self) -> dict:
+        r = self.result or {}
+        sites = {}
+        for site in self.config.sites:
+            manifest, commit, traffic = self.manifests.get(site), self.commits.get(site), self.traffic.get(site, {})
+            sites[site] = {
+                "joined": manifest is not None,
+                "tasks": len(manifest.tasks) if manifest else 0,
+                "upload_kind": manifest.upload_kind if manifest else None,
+                "committed": _iso(commit["committed"]) if commit else None,
+                "bytes_received": traffic.get("bytes_received", 0),
+                "bytes_sent": traffic.get("bytes_sent", 0),
+            }
+        return {
+            "federation": self.config.id,
+            "state": self.state,
+            "message": self.message(),
+            "created": _iso(self.created),
+            "deadline": _iso(self.deadline),
+            "finished": _iso(r.get("finished")),
+            "min_sites": self.config.min_sites,
+            "sites": sites,
+            "aggregated_sites": r.get("sites", []),
+            "modules": r.get("modules", []),
+            "energy": r.get("energy", {}),
+            "basis_sha256": r.get("basis_sha256"),
+            "basis_size": r.get("basis_size"),
+            "seconds": r.get("seconds", {}),
+        }
+
+
+def _check_manifest(config: FederationConfig, m: pb.SiteManifest, others: dict[str, pb.SiteManifest]) -> None:
+    def refuse(reason: str):
+        raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"manifest does not match federation {config.id}: {reason}")
+
+    if m.base_model != config.base_model:
+        refuse(f"base_model {m.base_model!r} differs from the federation's {config.base_model!r}")
+    names = [x.name for x in m.modules]
+    wanted = {x.name: x for x in config.modules}
+    for name in names:
+        if names.count(name) > 1:
+            refuse(f"module {name} is listed twice")
+        if name not in wanted:
+            refuse(f"module {name} is not one of the federation's {len(wanted)} modules")
+    for name in wanted:
+        if name not in names:
+            refuse(f"module {name} is missing (the federation adapts {len(wanted)} modules; target the same ones)")
+    for x in m.modules:
+        want = wanted[x.name]
+        if (x.out_features, x.in_features) != (want.out_features, want.in_features):
+            refuse(f"module {x.name} has shape {x.out_features}x{x.in_features}, the federation's is {want.out_features}x{want.in_features}")
+        if not 1 <= x.rank <= want.rank:
+            refuse(f"module {x.name} has rank {x.rank}, the federation allows 1 to {want.rank}")
+    if m.upload_kind not in config.upload_kinds:
+        refuse(f"upload_kind {m.upload_kind!r} is not allowed; the federation allows {', '.join(config.upload_kinds)}")
+    if m.upload_kind == "sketch" and m.sketch_rank < 1:
+        refuse(f"upload_kind 'sketch' needs sketch_rank >= 1, got {m.sketch_rank}")
+    if m.canonicalize != config.canonicalize:
+        refuse(f"canonicalize is {m.canonicalize}, the federation's is {config.canonicalize}; prepare the factors the same way")
+    if not m.tasks:
+        refuse("it lists no tasks")
+    if m.lora_numbers < 1:
+        refuse(f"lora_numbers is {m.lora_numbers}; give the LoRA numbers of the site's adapters")
+    for task in m.tasks:
+        if list(m.tasks).count(task) > 1:
+            refuse(f"task {task!r} is listed twice")
+        holder = next((s for s, o in others.items() if task in o.tasks), None)
+        if holder:
+            refuse(f"task {task!r} is already held by site {holder}; task names must be unique across sites")
+
+
+def _check_parts(parts: list[dict]) -> None:
+    def refuse(reason: str):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"commit: {reason}")
+
+    if not parts:
+        refuse("no parts; commit at least one part")
+    names = [p["name"] for p in parts]
+    for p in parts:
+        if not _NAME.match(p["name"]):
+            refuse(f"part name {p['name']!r}: letters, digits, '.', '_' or '-', at most 64")
+        if names.count(p["name"]) > 1:
+            refuse(f"part {p['name']} is listed twice")
+        if not p["chunks"]:
+            refuse(f"part {p['name']} lists no chunks")
+        for digest in (p["sha256"], *p["chunks"]):
+            if not SHA256.match(digest):
+                refuse(f"part {p['name']}: {digest!r} is not a sha256 (64 lowercase hex digits)")
+
+
+def _assemble(chunks: Path, part: dict, out: Path) -> None:
+    """Concatenate a part's chunks into `out`, checking its size and sha256 against the commit."""
+    h, size = hashlib.sha256(), 0
+    with open(out, "wb") as f:
+        for digest in part["chunks"]:
+            data = (chunks / digest).read_bytes()
+            h.update(data)
+            size += len(data)
+            f.write(data)
+    if (size, h.hexdigest()) != (part["size"], part["sha256"]):
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"part {part['name']}: its chunks make {size} bytes with sha256 {h.hexdigest()}, the commit says {part['size']} bytes "
+            f"with sha256 {part['sha256']}; list the part's chunks in order",
+        )

@@ -1,0 +1,337 @@
+"""The coordinator over real gRPC on loopback, with real payloads from real PEFT adapters.
+
+It must give the centralised basis, refuse bad calls without touching its state, require TLS
+credentials when configured, survive a restart, and close at its deadline with or without quorum.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import shutil
+import time
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.certs import make_dev_certs
+from coordinator.config import MAX_CHUNK, CoordinatorConfig, FederationConfig, TLSConfig, token_hash
+from coordinator.server import Coordinator
+from protos.rmm.v1 import federation_pb2 as pb, federation_pb2_grpc as pb_grpc
+from rmm.adapter import open_adapter
+from rmm.bundle import MergeOptions
+from rmm.errors import RMMError
+from rmm.merge import module_specs, numbers_original, plan_modules
+from rmm.payload import aggregate, write_payload
+
+CHUNK = 8 * 1024  # small chunks, so every part spans several
+SHARDS = {"a": ("moments", [0]), "b": ("sketch", [1, 2]), "c": ("factors", [3, 4])}  # uneven, every kind
+ALL_KINDS = ["moments", "sketch", "factors"]
+Code = grpc.StatusCode
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def auth(site: str) -> tuple:
+    return (("authorization", f"Bearer token-{site}"),)
+
+
+@pytest.fixture(scope="module")
+def world(adapters, tmp_path_factory):
+    """Each site's payload file and manifest, written the way a site writes them."""
+    root = tmp_path_factory.mktemp("payloads")
+    opened = [open_adapter(p) for p in adapters]
+    specs = module_specs(opened)
+    sites = {}
+    for site, (kind, idx) in SHARDS.items():
+        shard = [opened[i] for i in idx]
+        file = root / f"{site}.safetensors"
+        write_payload(shard, specs, file, kind, q=4 if kind == "sketch" else None)
+        manifest = pb.SiteManifest(
+            base_model=opened[0].base_model,
+            modules=[pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in module_specs(shard)],
+            tasks=[a.name for a in shard],
+            upload_kind=kind,
+            sketch_rank=4 if kind == "sketch" else 0,
+            lora_numbers=numbers_original(shard),
+            tool_version="test",
+        )
+        sites[site] = SimpleNamespace(file=file, manifest=manifest)
+    return SimpleNamespace(base_model=opened[0].base_model, specs=specs, sites=sites)
+
+
+def federation(world, fed_id="fed", sites="abc", **overrides) -> FederationConfig:
+    fields = dict(id=fed_id, base_model=world.base_model, modules=world.specs, basis_size=2, upload_kinds=ALL_KINDS)
+    return FederationConfig(**(fields | overrides), sites={s: {"token_sha256": token_hash(f"token-{s}")} for s in sites})
+
+
+def coordinator_config(state_dir, *feds, **overrides) -> CoordinatorConfig:
+    return CoordinatorConfig(**({"host": "127.0.0.1", "port": 0, "state_dir": state_dir, "insecure": True, "federations": list(feds)} | overrides))
+
+
+@contextlib.asynccontextmanager
+async def serving(config, channel_credentials=None, target="127.0.0.1"):
+    coordinator = Coordinator(config)
+    port = await coordinator.start()
+    address = f"{target}:{port}"
+    channel = grpc.aio.secure_channel(address, channel_credentials) if channel_credentials else grpc.aio.insecure_channel(address)
+    try:
+        yield pb_grpc.FederationStub(channel), channel, port
+    finally:
+        await channel.close()
+        await coordinator.stop(0)
+
+
+def chunks_of(file):
+    data = file.read_bytes()
+    pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    return pieces, pb.Part(name=file.stem, chunks=[sha(c) for c in pieces], sha256=sha(data), size=len(data))
+
+
+async def upload(stub, fed, site, file, skip_last=False) -> pb.Part:
+    pieces, part = chunks_of(file)
+    ask = pb.MissingChunksRequest(federation_id=fed, site_id=site, sha256=part.chunks)
+    missing = set((await stub.MissingChunks(ask, metadata=auth(site), timeout=10)).sha256)
+    for data in pieces[:-1] if skip_last else pieces:
+        if sha(data) in missing:
+            await stub.UploadChunk(pb.UploadChunkRequest(federation_id=fed, site_id=site, sha256=sha(data), data=data), metadata=auth(site), timeout=10)
+    return part
+
+
+async def join_and_commit(stub, world, site, fed="fed"):
+    await stub.Join(pb.JoinRequest(federation_id=fed, site_id=site, manifest=world.sites[site].manifest), metadata=auth(site), timeout=10)
+    part = await upload(stub, fed, site, world.sites[site].file)
+    await stub.Commit(pb.CommitRequest(federation_id=fed, site_id=site, parts=[part]), metadata=auth(site), timeout=30)
+    return part
+
+
+async def status(stub, site, fed="fed", wait=0.0) -> pb.StatusResponse:
+    request = pb.StatusRequest(federation_id=fed, site_id=site, wait=wait > 0, timeout_seconds=wait)
+    return await stub.Status(request, metadata=auth(site), timeout=wait + 10)
+
+
+async def download(stub, site, fed="fed", offset=0) -> bytes:
+    out = b""
+    async for chunk in stub.DownloadBasis(pb.DownloadRequest(federation_id=fed, site_id=site, offset=offset), metadata=auth(site), timeout=30):
+        assert chunk.offset == offset + len(out) and chunk.sha256 == sha(chunk.data)
+        out += chunk.data
+    return out
+
+
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_three_sites_get_the_centralised_basis(world, tmp_path):
+    async def main():
+        async with serving(coordinator_config(tmp_path / "state", federation(world))) as (stub, _, _):
+            await asyncio.gather(*(join_and_commit(stub, world, s) for s in SHARDS))
+            done = await status(stub, "a", wait=30)
+            # Retries of a join and a commit are harmless.
+            config = await stub.Join(pb.JoinRequest(federation_id="fed", site_id="c", manifest=world.sites["c"].manifest), metadata=auth("c"), timeout=10)
+            await stub.Commit(pb.CommitRequest(federation_id="fed", site_id="c", parts=[chunks_of(world.sites["c"].file)[1]]), metadata=auth("c"), timeout=10)
+            basis = await download(stub, "b")
+            tail = await download(stub, "b", offset=100)
+            report = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+        return done, config, basis, tail, report
+
+    done, config, basis, tail, report = asyncio.run(main())
+    assert done.state == "DONE", done.message
+    assert done.committed_sites == ["a", "b", "c"]
+    files = [world.sites[s].file for s in "abc"]
+    lora = sum(world.sites[s].manifest.lora_numbers for s in "abc")
+    modules = plan_modules(world.specs, 5, lora, MergeOptions(basis_size=2))
+    aggregate(files, modules, tmp_path / "central.safetensors", torch.float32)
+    assert basis == (tmp_path / "central.safetensors").read_bytes()
+    assert tail == basis[100:]
+    assert (done.basis_sha256, done.basis_size) == (sha(basis), len(basis))
+    assert "token_sha256" not in config.federation_config_json
+    assert report["state"] == "DONE" and [m["p"] for m in report["modules"]] == [m.p for m in modules]
+    assert {s: r["tasks"] for s, r in report["sites"].items()} == {"a": 1, "b": 2, "c": 2}
+    assert {s: r["bytes_received"] for s, r in report["sites"].items()} == {s: world.sites[s].file.stat().st_size for s in "abc"}
+    assert {s: r["bytes_sent"] for s, r in report["sites"].items()} == {"a": 0, "b": 2 * len(basis) - 100, "c": 0}
+    assert set(report["energy"]) == {m.name for m in modules}
+
+
+def test_refused_calls_change_nothing(world, tmp_path):
+    state_dir = tmp_path / "state"
+    fed = federation(world, upload_kinds=["moments", "factors"])
+    a = world.sites["a"]
+
+    async def main():
+        async with serving(coordinator_config(state_dir, fed)) as (stub, channel, _):
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def refused(make_call, code, *words):
+                before = snapshot(state_dir)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await make_call()
+                assert e.value.code() == code, e.value.details()
+                for word in words:
+                    assert word in e.value.details()
+                assert snapshot(state_dir) == before
+                check = await health.Check(health_pb2.HealthCheckRequest(service="rmm.v1.Federation"), timeout=5)
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+            def join(manifest, site="a", token_site="a", fed_id="fed"):
+                return lambda: stub.Join(pb.JoinRequest(federation_id=fed_id, site_id=site, manifest=manifest), metadata=auth(token_site), timeout=10)
+
+            ask = pb.StatusRequest(federation_id="fed", site_id="a")
+            await refused(lambda: stub.Status(ask, metadata=auth("nobody"), timeout=5), Code.UNAUTHENTICATED, "not valid")
+            await refused(lambda: stub.Status(ask, timeout=5), Code.UNAUTHENTICATED, "missing")
+            await refused(join(a.manifest, site="b"), Code.PERMISSION_DENIED, "belongs to site a")
+            await refused(join(a.manifest, fed_id="other"), Code.NOT_FOUND, "other")
+
+            def changed(**fields):
+                m = pb.SiteManifest()
+                m.CopyFrom(a.manifest)
+                for key, value in fields.items():
+                    if isinstance(value, list):  # repeated fields are replaced in place
+                        del getattr(m, key)[:]
+                        getattr(m, key).extend(value)
+                    else:
+                        setattr(m, key, value)
+                return m
+
+            mods = list(a.manifest.modules)
+            first = mods[0]
+            await refused(join(changed(base_model="other/model")), Code.FAILED_PRECONDITION, "base_model", "other/model")
+            await refused(join(changed(modules=mods[1:])), Code.FAILED_PRECONDITION, first.name, "missing")
+            extra = pb.Module(name="base_model.model.lm_head", out_features=64, in_features=32, rank=4)
+            await refused(join(changed(modules=mods + [extra])), Code.FAILED_PRECONDITION, "lm_head", "not one of")
+            wide = pb.Module(name=first.name, out_features=first.out_features + 1, in_features=first.in_features, rank=first.rank)
+            await refused(join(changed(modules=[wide] + mods[1:])), Code.FAILED_PRECONDITION, first.name, f"{first.out_features + 1}x")
+            big = pb.Module(name=first.name, out_features=first.out_features, in_features=first.in_features, rank=first.rank + 4)
+            await refused(join(changed(modules=[big] + mods[1:])), Code.FAILED_PRECONDITION, first.name, f"rank {first.rank + 4}")
+            await refused(join(changed(upload_kind="sketch", sketch_rank=2)), Code.FAILED_PRECONDITION, "'sketch' is not allowed")
+
+            def put(data, digest=None, site="a"):
+                request = pb.UploadChunkRequest(federation_id="fed", site_id=site, sha256=digest or sha(data), data=data)
+                return lambda: stub.UploadChunk(request, metadata=auth(site), timeout=10)
+
+            await refused(put(b"x"), Code.FAILED_PRECONDITION, "Join first")
+            await join(a.manifest)()
+            assert (await join(a.manifest)()).federation_config_json  # the same manifest again is fine
+            await refused(put(b"x" * (MAX_CHUNK + 1)), Code.INVALID_ARGUMENT, "exceeds")
+            await refused(put(b"data", digest=sha(b"other")), Code.INVALID_ARGUMENT, "sha256")
+            assert (await put(b"x")()).already_stored is False and (await put(b"x")()).already_stored is True
+
+            def commit(*parts):
+                return lambda: stub.Commit(pb.CommitRequest(federation_id="fed", site_id="a", parts=parts), metadata=auth("a"), timeout=30)
+
+            part = await upload(stub, "fed", "a", a.file, skip_last=True)
+            await refused(commit(part), Code.FAILED_PRECONDITION, f"1 of {len(part.chunks)} chunks")
+            part = await upload(stub, "fed", "a", a.file)
+            wrong = pb.Part(name=part.name, chunks=part.chunks, sha256=sha(b"wrong"), size=part.size)
+            await refused(commit(wrong), Code.INVALID_ARGUMENT, "sha256", sha(b"wrong"))
+            sketch = await upload(stub, "fed", "a", world.sites["b"].file)  # a's own chunks, the wrong kind
+            await refused(commit(sketch), Code.INVALID_ARGUMENT, "payload kind 'sketch'")
+            download = pb.DownloadRequest(federation_id="fed", site_id="a")
+            await refused(lambda: stub.DownloadBasis(download, metadata=auth("a"), timeout=5).read(), Code.FAILED_PRECONDITION, "not DONE")
+            await commit(part)()
+            await commit(part)()  # the same parts again is fine
+            await refused(commit(sketch), Code.FAILED_PRECONDITION, "already committed")
+            await refused(join(changed(tasks=["renamed"])), Code.FAILED_PRECONDITION, "already committed")
+
+    asyncio.run(main())
+
+
+def test_tls_and_mutual_tls(world, tmp_path):
+    certs = make_dev_certs(tmp_path / "certs", ["a", "b"])
+    read = lambda key: certs[key].read_bytes()  # noqa: E731
+    tls = TLSConfig(cert=certs["server_cert"], key=certs["server_key"])
+    mtls = TLSConfig(cert=certs["server_cert"], key=certs["server_key"], client_ca=certs["ca_cert"])
+    fed = federation(world, sites="ab")
+    assert certs["a_key"].stat().st_mode & 0o777 == 0o600
+
+    async def main():
+        plain = coordinator_config(tmp_path / "tls", fed, insecure=False, tls=tls)
+        async with serving(plain, grpc.ssl_channel_credentials(read("ca_cert")), target="localhost") as (stub, _, _):
+            assert (await status(stub, "a")).state == "OPEN"
+        mutual = coordinator_config(tmp_path / "mtls", fed, insecure=False, tls=mtls)
+        async with serving(mutual, grpc.ssl_channel_credentials(read("ca_cert"), read("a_key"), read("a_cert"))) as (stub, _, port):
+            assert (await status(stub, "a")).state == "OPEN"
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(read("ca_cert"))) as anonymous:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await status(pb_grpc.FederationStub(anonymous), "a")
+                assert e.value.code() == Code.UNAVAILABLE
+            as_b = grpc.ssl_channel_credentials(read("ca_cert"), read("b_key"), read("b_cert"))
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", as_b) as other:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await status(pb_grpc.FederationStub(other), "a")  # a's token, b's certificate
+                assert e.value.code() == Code.PERMISSION_DENIED and "common name (b)" in e.value.details()
+
+    asyncio.run(main())
+
+
+def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
+    config = coordinator_config(tmp_path / "state", federation(world))
+    c = world.sites["c"]
+
+    async def main():
+        async with serving(config) as (stub, _, _):
+            parts = {s: await join_and_commit(stub, world, s) for s in "ab"}
+            await stub.Join(pb.JoinRequest(federation_id="fed", site_id="c", manifest=c.manifest), metadata=auth("c"), timeout=10)
+            part_c = await upload(stub, "fed", "c", c.file, skip_last=True)
+        # What a coordinator killed mid-write leaves behind: a half-written chunk, a commit's staging.
+        site_c = tmp_path / "state" / "fed" / "sites" / "c"
+        (site_c / "chunks" / f".{part_c.chunks[-1]}.1234.tmp").write_bytes(b"half")
+        (site_c / ".commit-1234").mkdir()
+        (site_c / ".commit-1234" / "c.safetensors").write_bytes(b"half")
+        async with serving(config) as (stub, _, _):
+            assert not list(site_c.rglob(".*"))
+            for site, part in parts.items():
+                ask = pb.MissingChunksRequest(federation_id="fed", site_id=site, sha256=part.chunks)
+                assert list((await stub.MissingChunks(ask, metadata=auth(site), timeout=10)).sha256) == []
+            ask = pb.MissingChunksRequest(federation_id="fed", site_id="c", sha256=part_c.chunks)
+            assert list((await stub.MissingChunks(ask, metadata=auth("c"), timeout=10)).sha256) == part_c.chunks[-1:]
+            assert (await status(stub, "c")).committed_sites == ["a", "b"]
+            await join_and_commit(stub, world, "c")
+            done = await status(stub, "c", wait=30)
+        # A coordinator killed mid-aggregation (all committed, no result) aggregates on start.
+        shutil.rmtree(tmp_path / "state" / "fed" / "result")
+        async with serving(config) as (stub, _, _):
+            again = await status(stub, "a", wait=30)
+        return done, again
+
+    done, again = asyncio.run(main())
+    assert done.state == "DONE" and done.committed_sites == ["a", "b", "c"], done.message
+    result = json.loads((tmp_path / "state" / "fed" / "result" / "result.json").read_text())
+    assert len(result["tasks"]) == 5
+    assert (again.state, again.basis_sha256) == ("DONE", done.basis_sha256)
+    changed = coordinator_config(tmp_path / "state", federation(world, min_sites=2))
+    with pytest.raises(RMMError, match="min_sites: 1 then, 2 now"):
+        asyncio.run(Coordinator(changed).start())
+
+
+def test_deadline_closes_with_or_without_quorum(world, tmp_path):
+    deadline = 2.0
+    quorum = federation(world, "quorum", min_sites=2, deadline_seconds=deadline)
+    lonely = federation(world, "lonely", min_sites=2, deadline_seconds=deadline)
+
+    async def main():
+        async with serving(coordinator_config(tmp_path / "state", quorum, lonely)) as (stub, _, _):
+            started = time.monotonic()
+            await asyncio.gather(join_and_commit(stub, world, "a", "quorum"), join_and_commit(stub, world, "b", "quorum"))
+            await join_and_commit(stub, world, "a", "lonely")
+            assert time.monotonic() - started < deadline, "commits took longer than the deadline; raise it"
+            done = await status(stub, "a", "quorum", wait=30)
+            closed_after = time.monotonic() - started
+            failed = await status(stub, "a", "lonely", wait=30)
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await join_and_commit(stub, world, "c", "lonely")
+        return done, closed_after, failed, late.value
+
+    done, closed_after, failed, late = asyncio.run(main())
+    assert done.state == "DONE" and done.committed_sites == ["a", "b"], done.message
+    assert closed_after >= deadline - 0.5  # it waited for c until the deadline (measured from start)
+    result = json.loads((tmp_path / "state" / "quorum" / "result" / "result.json").read_text())
+    assert result["sites"] == ["a", "b"] and len(result["tasks"]) == 3
+    assert failed.state == "FAILED"
+    assert failed.message == "deadline passed: 1 of min_sites=2 sites committed (b, c missing)"
+    assert late.code() == Code.FAILED_PRECONDITION and "no more joins" in late.details()
