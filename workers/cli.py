@@ -40,6 +40,7 @@ def register(verbs) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
     add_budget_args(p)
     _add_upload_args(p)
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=_simulate)
 
@@ -83,7 +84,7 @@ def _simulate(args) -> int:
         raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
     report = simulate(
         args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
-        on_stage=_stage_printer(args.json),
+        force=args.force, on_stage=_stage_printer(args.json),
     )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _emit(report, args.json)
@@ -98,14 +99,14 @@ def _emit(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    table = Table(title="federation traffic and time per site")
-    for col in ("site", "tasks", "upload", "LoRA bytes", "bytes up", "bytes down", "sketch s", "upload s", "wait s", "download s", "revert s", "max dW err"):
-        table.add_column(col, justify="right")
+    kinds = ", ".join(sorted({s["upload"] for s in report["sites"]}))
+    table = Table(title=f"federation ({kinds} upload): traffic and seconds per site", caption="kB = 1000 bytes; LoRA: the site's adapters' LoRA tensors")
+    for col in ("site", "tasks", "LoRA kB", "up kB", "down kB", "sketch", "upload", "wait", "download", "revert"):
+        table.add_column(col, justify="right", no_wrap=col == "site")
     for s in report["sites"]:
         t = s["seconds"]
-        worst = max(max(e.values()) for e in s["errors"].values())
         table.add_row(
-            s["site"], str(len(s["tasks"])), s["upload"], f"{s['lora_bytes']:,}", f"{s['bytes_up']:,}", f"{s['bytes_down']:,}",
-            f"{t['sketch']:.2f}", f"{t['upload']:.2f}", f"{t['wait']:.2f}", f"{t['download']:.2f}", f"{t['revert']:.2f}", f"{worst:.2e}",
+            s["site"], str(len(s["tasks"])), *(f"{s[k] / 1000:,.0f}" for k in ("lora_bytes", "bytes_up", "bytes_down")),
+            *(f"{t[k]:.2f}" for k in ("sketch", "upload", "wait", "download", "revert")),
         )
     console.print(table)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from coordinator.config import CoordinatorConfig, FederationConfig, Site, TLSCon
 from coordinator.server import Coordinator
 from rmm.adapter import check_compatible, open_adapter
 from rmm.bundle import MergeOptions
+from rmm.errors import RMMError
 from rmm.merge import module_specs
 from workers.client import Credentials, FederationClient
 from workers.site import run_site
@@ -80,11 +82,20 @@ def simulate(
     upload: str = "moments",
     sketch_rank: int = 0,
     shards: list[list[str | Path]] | None = None,
+    force: bool = False,
     on_stage=lambda site, stage: None,
 ) -> dict:
-    """Run a federation of `sites` sites over `adapter_dirs` (or explicit `shards`); returns the report."""
+    """Run a federation of `sites` sites over `adapter_dirs` (or explicit `shards`); returns the report.
+
+    Everything (certificates, coordinator state, each site's outputs) goes under `out`, which must be
+    new or empty unless `force` replaces it.
+    """
     options = options or MergeOptions()
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise RMMError("output exists and is not empty; pass --force to replace it", file=out)
+        shutil.rmtree(out)
     adapters = [open_adapter(d) for d in adapter_dirs]
     check_compatible(adapters)
     shards = shards or split([a.path for a in adapters], sites)
