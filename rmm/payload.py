@@ -7,7 +7,9 @@ pickle) holding, per module and factor ("B": rows of lora_B, "A": columns of lor
   `r (r + 3) / 2` numbers per position whatever the site's task count.
 - `sketch` (q per position): the site's mean `mean` (P, r) and `qs` (P, r, q) = top-q eigenvectors
   of its centred scatter times the square roots of their eigenvalues, float64. The scatter is
-  rebuilt as `qs qs^T`, exact when q >= min(r, n - 1), smaller and lossy below that.
+  rebuilt as `qs qs^T`, exact when q >= min(r, n - 1), smaller and lossy below that. q is capped
+  at min(r, n - 1), so an exact sketch holds r n numbers per position: the smallest exact upload
+  when the site has fewer than (r + 3) / 2 tasks.
 - `factors` (exact; only when a site opts in): the folded factors `x` (n, P, r) themselves.
 
 Every kind becomes the same additive `Moments` on the coordinator, so whatever mix of kinds the
@@ -52,7 +54,7 @@ def write_payload(
                 specs[f"{m.name}.{f}.s2"] = (torch.float64, (P, r * (r + 1) // 2))
             elif kind == "sketch":
                 specs[f"{m.name}.{f}.mean"] = (torch.float64, (P, r))
-                specs[f"{m.name}.{f}.qs"] = (torch.float64, (P, r, min(q, r)))
+                specs[f"{m.name}.{f}.qs"] = (torch.float64, (P, r, _sketch_rank(q, r, n)))
             else:
                 specs[f"{m.name}.{f}.x"] = (dtype, (n, P, r))
     writer = StreamingWriter(file, specs, {"kind": kind, "n": str(n), "q": str(q or 0)})
@@ -122,9 +124,14 @@ def _encode(X: torch.Tensor, kind: str, q: int | None):
     mean = X.to(torch.float64).mean(0)
     centred = (X.to(torch.float64) - mean).transpose(0, 1)  # (P, n, r)
     evals, evecs = torch.linalg.eigh(centred.mT @ centred)  # ascending
-    k = min(q, X.shape[-1])
-    top = evals[..., -k:].clamp_min(0).sqrt()
-    return [("mean", mean), ("qs", evecs[..., -k:] * top.unsqueeze(-2))]
+    k = _sketch_rank(q, X.shape[-1], X.shape[0])
+    top = evals[..., evals.shape[-1] - k :].clamp_min(0).sqrt()
+    return [("mean", mean), ("qs", evecs[..., evecs.shape[-1] - k :] * top.unsqueeze(-2))]
+
+
+def _sketch_rank(q: int, r: int, n: int) -> int:
+    """n centred vectors span at most n - 1 directions: more columns would only carry zeros."""
+    return min(q, r, n - 1)
 
 
 def _decode(kind: str, n: int, r: int, get) -> Moments:
