@@ -16,10 +16,11 @@ import yaml
 
 from conftest import make_adapter
 from coordinator.certs import make_dev_certs
-from coordinator.config import CoordinatorConfig, FederationConfig, Site, token_hash
+from coordinator.config import CoordinatorConfig, FederationConfig, Site, load_config, token_hash
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm.adapter import delta_weight, open_adapter
 from rmm.bundle import MergeOptions
+from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, plan_modules, revert
 from rmm.payload import write_payload
 from workers.client import Credentials, FederationClient
@@ -171,3 +172,18 @@ def test_unauthenticated_site_cannot_join(seven, tmp_path):
         client.close()
     finally:
         coordinator.stop()
+
+
+def test_example_deploy_config_is_valid():
+    config = load_config(Path(__file__).resolve().parents[1] / "deploy" / "federation.example.yaml")
+    assert config.tls.client_ca and config.federations[0].min_sites == 2
+
+
+def test_config_errors_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "fed.yaml"
+    bad.write_text("port: 1\ninsecure: true\nfederations: [{id: f, base_model: m, modules: [], sites: {}, colour: red}]\n")
+    with pytest.raises(RMMError, match=r"fed.yaml: invalid config at federations\.0"):
+        load_config(bad)
+    bad.write_text("port: 1\n")
+    with pytest.raises(RMMError, match="TLS is required"):
+        load_config(bad)
