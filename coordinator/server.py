@@ -211,6 +211,10 @@ class _Servicer(pb_grpc.FederationServicer):
         return response, fed.state
 
     @_call
+    async def Publish(self, fed: FederationState, request: pb.PublishRequest, context):
+        return pb.PublishResponse(), await asyncio.to_thread(fed.publish, request.site_id, list(request.tasks))
+
+    @_call
     async def Report(self, fed: FederationState, request: pb.ReportRequest, context):
         return pb.ReportResponse(json=json.dumps(fed.report(), indent=1)), "sent"
 

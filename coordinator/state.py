@@ -3,11 +3,15 @@
     config.json                            the federation config as first served
     created.json                           creation time: deadlines count from it across restarts
     sites/<site>/manifest.json             the joined SiteManifest (protobuf JSON)
-    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed; dropped once committed
+    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed; dropped once committed (chunks
+                                           uploaded to publish, after DONE, at the next start)
     sites/<site>/parts/<name>.safetensors  the assembled parts, in place only at a successful commit
     sites/<site>/commit.json               the commit (parts, tasks, time); written last, so it marks it
     sites/<site>/traffic.json              bytes received from and sent to the site
     result/basis.safetensors, result.json  DONE with the basis, or FAILED with why
+    result/coefficients/<task>.safetensors the tasks their sites chose to publish (Publish), their
+    result/extras/<task>.safetensors       extras, and a bundle manifest listing them: result/ is then
+    result/manifest.json                   a standard bundle of those tasks, which `rmm revert` reads
 
 Every file is written under a temporary name and renamed into place (fsynced first), so a
 coordinator killed at any moment restarts from whole files: an acknowledged chunk is on disk, a
@@ -15,13 +19,14 @@ commit is complete or absent, a result is complete or absent. Leftover temporari
 on start.
 
 Methods that write run in worker threads (`asyncio.to_thread`); `_lock` orders the few steps that
-must not interleave: a commit landing, a join, and the federation closing for aggregation.
+must not interleave: a commit landing, a join, a publication, and the federation closing for aggregation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -35,12 +40,15 @@ from pathlib import Path
 import grpc
 import torch
 from google.protobuf import json_format
+from pydantic import ValidationError
 
 from coordinator.config import MAX_CHUNK, FederationConfig
 from protos.rmm.v1 import federation_pb2 as pb
-from rmm.bundle import BASIS_FILE, FACTORS
+from rmm import __version__
+from rmm.adapter import lora_scaling, module_name
+from rmm.bundle import BASIS_FILE, FACTORS, Manifest, ModuleEntry, Report, Storage, TaskEntry, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
-from rmm.io import atomic_dir, open_safetensors, sha256_file
+from rmm.io import atomic_dir, open_safetensors, read_all, sha256_file
 from rmm.merge import plan_modules
 from rmm.payload import aggregate, read_payload
 
@@ -100,6 +108,8 @@ class FederationState:
             self._load_site(site_dir.name, site_dir)
         result = self.dir / "result" / "result.json"
         self.result: dict | None = json.loads(result.read_text()) if result.exists() else None
+        bundle = self.dir / "result"
+        self.published: dict[str, TaskEntry] = {t.name: t for t in read_manifest(bundle).tasks} if (bundle / "manifest.json").exists() else {}
 
     def _remove_temporaries(self) -> None:
         # Temporary files, commit staging and atomic_dir's result directory of a killed coordinator.
@@ -204,16 +214,16 @@ class FederationState:
         bad = [d for d in digests if not SHA256.match(d)]
         if bad:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{bad[0]!r} is not a sha256 (64 lowercase hex digits)")
-        if site in self.commits:  # the chunks are gone, their bytes are in the committed parts
-            held = {c for part in self.commits[site]["parts"] for c in part["chunks"]}
-            return [d for d in digests if d not in held]
+        # A commit's chunks are gone, their bytes are in the committed parts; chunks to publish are kept.
+        held = {c for part in self.commits[site]["parts"] for c in part["chunks"]} if site in self.commits else set()
         chunks = self.dir / "sites" / site / "chunks"
-        return [d for d in digests if not (chunks / d).is_file()]
+        return [d for d in digests if d not in held and not (chunks / d).is_file()]
 
     def store_chunk(self, site: str, digest: str, data: bytes) -> bool:
         """Store one chunk; True when it was already stored."""
         self._joined(site)
-        self._still_uploading(site)
+        if not (site in self.commits and self.state == "DONE"):  # after DONE, a committed site uploads only to publish
+            self._still_uploading(site)
         if len(data) > MAX_CHUNK:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK}-byte limit; split parts into smaller chunks")
         if not SHA256.match(digest):
@@ -267,6 +277,116 @@ class FederationState:
             shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # the parts hold the same bytes now
         return f"committed {len(record)} parts, {tasks} tasks"
+
+    def publish(self, site: str, tasks: list[pb.PublishedTask]) -> str:
+        """Store the site's own tasks' coefficients (and extras) in result/ and list them in its manifest."""
+        manifest = self._joined(site)
+        if self.state != "DONE" or site not in self.result["sites"]:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"only a site aggregated into a DONE federation can publish; federation {self.config.id} is {self.state}: {self.message()}",
+            )
+        names = [t.name for t in tasks]
+        if not names:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "publish: no tasks; publish at least one")
+        for name in names:
+            if name not in manifest.tasks:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"task {name!r} is not one of site {site}'s tasks; a site publishes only its own")
+            if names.count(name) > 1:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"publish: task {name} is listed twice")
+        result = self.dir / "result"
+        staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=result))
+        try:
+            new = {t.name: (t, self._check_published(t, staging, self.dir / "sites" / site / "chunks")) for t in tasks}
+            with self._lock:
+                # Already published, by an earlier call or a concurrent retry of this one: same content or refused.
+                new = {name: entry for name, (t, entry) in new.items() if not self._same_published(t, entry)}
+                for name in new:
+                    for file in (coefficients_file, extras_file):
+                        if file(staging, name).exists():
+                            file(result, name).parent.mkdir(exist_ok=True)
+                            file(staging, name).replace(file(result, name))
+                published = self.published | new
+                write_atomic(result / "manifest.json", self._bundle_manifest(published).model_dump_json(indent=2).encode())
+                self.published = published
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return f"published {len(new)} of {len(tasks)} tasks" + (" (the others again, same content)" if len(new) < len(tasks) else "")
+
+    def _check_published(self, t: pb.PublishedTask, staging: Path, chunks: Path) -> TaskEntry:
+        """The task's entry, once its parts are assembled in `staging` and fit the basis."""
+        def bad(reason: str) -> Refused:
+            return Refused(grpc.StatusCode.INVALID_ARGUMENT, f"publish {t.name}: {reason}")
+
+        try:
+            entry = TaskEntry.model_validate_json(t.task_json)
+        except ValidationError as e:
+            raise bad(f"task_json is not a bundle task entry ({e.errors()[0]['msg']})") from None
+        if entry.name != t.name or Path(t.name).name != t.name or t.name.startswith("."):
+            raise bad(f"task_json names {entry.name!r}; the name must be the task's and usable as a file name")
+        if t.HasField("extras") != bool(entry.extras):
+            raise bad("send an extras part exactly when the task entry lists extras")
+        coefs = {f"{m['name']}.{f}": (n, m["p"]) for m in self.result["modules"] for f, n in zip(FACTORS, (m["out_features"], m["in_features"]))}
+        files = [(t.coefficients, coefficients_file(staging, t.name), coefs)]
+        if entry.extras:
+            files.append((t.extras, extras_file(staging, t.name), dict.fromkeys(entry.extras)))
+        for part, file, shapes in files:
+            record = {"name": file.parent.name, "chunks": list(part.chunks), "sha256": part.sha256, "size": part.size}
+            _check_parts([record], f"publish {t.name}")
+            if t.name in self.published:
+                continue  # compared with the stored files under the lock instead
+            missing = [c for c in record["chunks"] if not (chunks / c).is_file()]
+            if missing:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"publish {t.name}: {len(missing)} chunks are not stored; upload them first")
+            file.parent.mkdir(exist_ok=True)
+            _assemble(chunks, record, file)
+            try:
+                tensors = read_all(file)
+            except RMMError as e:
+                raise bad(f"{record['name']}: {e.reason}") from None
+            if tensors.keys() != shapes.keys():
+                raise bad(f"{record['name']} holds {len(tensors)} tensors, not the {len(shapes)} expected ({sorted(shapes.keys() ^ tensors.keys())[0]} differs)")
+            for key, shape in shapes.items():
+                x = tensors[key]
+                if shape is not None and (tuple(x.shape) != shape or not x.is_floating_point() or not torch.isfinite(x).all()):
+                    raise bad(f"coefficients {key} are {x.dtype} {tuple(x.shape)}; the basis needs finite floats of shape {shape}")
+        return entry
+
+    def _same_published(self, t: pb.PublishedTask, entry: TaskEntry) -> bool:
+        """False for a new task; True when it is published with this content; refused otherwise."""
+        if t.name not in self.published:
+            return False
+        bundle = self.dir / "result"
+        extras = sha256_file(extras_file(bundle, t.name)) if self.published[t.name].extras else ""
+        if (self.published[t.name], sha256_file(coefficients_file(bundle, t.name)), extras) != (entry, t.coefficients.sha256, t.extras.sha256):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"task {t.name} is already published with other content; a publication is final")
+        return True
+
+    def _bundle_manifest(self, published: dict[str, TaskEntry]) -> Manifest:
+        """The bundle of the basis and the published tasks, its report from what the coordinator knows."""
+        bundle, r = self.dir / "result", self.result
+        modules = [ModuleEntry(**m) for m in r["modules"]]
+        files = [bundle / BASIS_FILE, *(coefficients_file(bundle, t) for t in published)]
+        numbers, size = (sum(c) for c in zip(*map(_tensor_counts, files)))
+        originals = {
+            t.name: sum(lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features) for m in modules) for t in published.values()
+        }
+        original_bytes = sum(n * getattr(torch, published[t].dtype).itemsize for t, n in originals.items())
+        storage = Storage(
+            numbers_stored=numbers, numbers_original=sum(originals.values()), ratio=numbers / sum(originals.values()),
+            bytes_stored=size, bytes_original=original_bytes,
+        )
+        return Manifest(
+            tool_version=__version__,
+            created=_iso(r["finished"]),
+            options=self.config.merge_options(),
+            storage_dtype=self.config.basis_dtype,
+            tasks=[published[t] for t in r["tasks"] if t in published],
+            modules=modules,
+            basis_sha256=r["basis_sha256"],
+            # Errors are measured by the sites and stay there; the energy is the coordinator's own.
+            report=Report(storage=storage, errors={}, energy=r["energy"], seconds={}),
+        )
 
     def count(self, site: str, *, received: int = 0, sent: int = 0) -> None:
         with self._lock:
@@ -426,9 +546,9 @@ def _check_manifest(config: FederationConfig, m: pb.SiteManifest, others: dict[s
             refuse(f"task {task!r} is already held by site {holder}; task names must be unique across sites")
 
 
-def _check_parts(parts: list[dict]) -> None:
+def _check_parts(parts: list[dict], call: str = "commit") -> None:
     def refuse(reason: str):
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"commit: {reason}")
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{call}: {reason}")
 
     if not parts:
         refuse("no parts; commit at least one part")
@@ -443,6 +563,14 @@ def _check_parts(parts: list[dict]) -> None:
         for digest in (p["sha256"], *p["chunks"]):
             if not SHA256.match(digest):
                 refuse(f"part {p['name']}: {digest!r} is not a sha256 (64 lowercase hex digits)")
+
+
+def _tensor_counts(file: Path) -> tuple[int, int]:
+    """Numbers and bytes of a safetensors file's tensors, from its header."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tensors = [v for k, v in header.items() if k != "__metadata__"]
+    return sum(math.prod(v["shape"]) for v in tensors), sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)
 
 
 def _assemble(chunks: Path, part: dict, out: Path) -> None:

@@ -121,7 +121,7 @@ def _inspect(args) -> int:
         modules.add_column(col)
     for name, row in summary["modules"].items():
         modules.add_row(
-            module_name(name), row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", f"{row['max_error']:.2e}"
+            module_name(name), row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
         )
     console.print(modules)
     return 0
@@ -141,11 +141,16 @@ def _extract(args) -> int:
 def _print_summary(summary: dict) -> None:
     s = summary["storage"]
     errors = [t["mean_error"] for t in summary["tasks"].values()]
+    measured = (
+        f"mean {sum(errors) / len(errors):.2e}, max {max(t['max_error'] for t in summary['tasks'].values()):.2e}"
+        if errors
+        else "not measured here (only the sites that hold the original adapters can)"
+    )
     console.print(
         f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, p = {summary['p']}\n"
         f"storage: {s['ratio_counted']:.4f} of the originals (formula {s['ratio_formula']:.4f}; "
         f"{s['bytes_on_disk']:,} bytes on disk, {s['ratio_bytes_on_disk']:.4f} of {s['bytes_original']:,}; {s['dtype']})\n"
-        f"relative dW error: mean {sum(errors) / len(errors):.2e}, max {max(t['max_error'] for t in summary['tasks'].values()):.2e}",
+        f"relative dW error: {measured}",
         highlight=False,
     )
     if s["ratio_counted"] >= 1:

@@ -31,9 +31,11 @@ def inspect_bundle(bundle: Path) -> dict:
             "ratio_bytes_on_disk": sum(f.stat().st_size for f in files) / s.bytes_original,
             "dtype": m.storage_dtype,
         },
+        # A coordinator's bundle of published coefficients has no errors: only the sites hold the originals.
         "tasks": {
             t: {"mean_error": sum(e.values()) / len(e), "max_error": max(e.values()), "worst_module": max(e, key=e.get)}
             for t, e in m.report.errors.items()
+            if e
         },
         "modules": {
             mod.name: {
@@ -42,7 +44,7 @@ def inspect_bundle(bundle: Path) -> dict:
                 "p": mod.p,
                 "energy_B": m.report.energy[mod.name]["B"],
                 "energy_A": m.report.energy[mod.name]["A"],
-                "max_error": max(m.report.errors[t.name][mod.name] for t in m.tasks),
+                "max_error": max((e[mod.name] for e in m.report.errors.values() if mod.name in e), default=None),
             }
             for mod in m.modules
         },

@@ -49,6 +49,10 @@ def _add_upload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upload", choices=["moments", "sketch", "factors"], default="moments", help="what leaves the site (default: moments)")
     p.add_argument("--sketch-rank", type=int, default=0, metavar="Q", help="rank q of a sketch upload")
     p.add_argument("--allow-factors", action="store_true", help="consent to sending raw adapters (--upload factors)")
+    p.add_argument(
+        "--publish-coefficients", action="store_true",
+        help="once DONE, send the coordinator this site's (with simulate: every site's) coefficients, so it can revert the tasks itself",
+    )
 
 
 def _site_run(args) -> int:
@@ -71,7 +75,7 @@ def _site_run(args) -> int:
     report = run_site(
         args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
         upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
-        allow_factors=args.allow_factors, actors=args.actors, on_stage=_stage_printer(args.json),
+        allow_factors=args.allow_factors, actors=args.actors, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
     )
     _emit({"sites": [report]}, args.json)
     return 0
@@ -84,7 +88,7 @@ def _simulate(args) -> int:
         raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
     report = simulate(
         args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
-        force=args.force, on_stage=_stage_printer(args.json),
+        force=args.force, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
     )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _emit(report, args.json)

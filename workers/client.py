@@ -1,4 +1,4 @@
-"""A site's gRPC client for the coordinator: join, resumable chunked upload, commit, wait, download.
+"""A site's gRPC client for the coordinator: join, resumable chunked upload, commit, wait, download, publish.
 
 Every call is idempotent, carries the site's bearer token and a deadline, and waits for the
 channel to be ready; gRPC's own retry policy repeats calls that fail with UNAVAILABLE. Uploads ask
@@ -119,6 +119,10 @@ class FederationClient:
 
     def commit(self, parts: list[pb.Part]) -> None:
         self._call(self.stub.Commit, pb.CommitRequest(parts=parts, **self._ids()))
+
+    def publish(self, tasks: list[pb.PublishedTask]) -> None:
+        """Hand the coordinator these tasks' coefficients (their parts uploaded with `upload` first)."""
+        self._call(self.stub.Publish, pb.PublishRequest(tasks=tasks, **self._ids()))
 
     def status(self) -> pb.StatusResponse:
         return self._call(self.stub.Status, pb.StatusRequest(**self._ids()))

@@ -83,12 +83,14 @@ def simulate(
     sketch_rank: int = 0,
     shards: list[list[str | Path]] | None = None,
     force: bool = False,
+    publish_coefficients: bool = False,
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Run a federation of `sites` sites over `adapter_dirs` (or explicit `shards`); returns the report.
 
     Everything (certificates, coordinator state, each site's outputs) goes under `out`, which must be
-    new or empty unless `force` replaces it.
+    new or empty unless `force` replaces it. With `publish_coefficients` every site publishes its
+    tasks' coefficients, so `out/coordinator/<federation>/result/` is a bundle of all of them.
     """
     options = options or MergeOptions()
     out = Path(out)
@@ -132,7 +134,8 @@ def simulate(
         return run_site(
             address, FEDERATION, name, credentials, shards[i], out / name,
             upload=upload, sketch_rank=sketch_rank, canonicalize=options.canonicalize,
-            allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600, on_stage=on_stage,
+            allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600,
+            publish_coefficients=publish_coefficients, on_stage=on_stage,
         )
 
     clock = time.perf_counter()

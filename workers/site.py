@@ -3,8 +3,9 @@
 Each actor (`SiteShard`) loads its shard in its constructor, so Ray can restart it
 (`max_restarts`) and it reloads itself. It writes its payload (moments, sketch or factors),
 uploads it in chunks, and, once the coordinator has the basis, downloads it, fits its own tasks'
-coefficients and writes its bundle and reverted PEFT adapters locally. The driver (`run_site`)
-joins the federation with the site's manifest, commits the actors' parts and waits.
+coefficients and writes its bundle and reverted PEFT adapters locally; only if the site opts in
+does it then publish its tasks' coefficients to the coordinator. The driver (`run_site`) joins
+the federation with the site's manifest, commits the actors' parts and waits.
 One actor per GPU when there are GPUs, otherwise CPU slots; the code path is the same.
 """
 
@@ -18,7 +19,7 @@ import ray
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm import __version__
 from rmm.adapter import check_compatible, open_adapter
-from rmm.bundle import ModuleEntry, MergeOptions
+from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, revert
 from rmm.payload import smallest_exact_numbers, write_payload
@@ -85,6 +86,19 @@ class SiteShard:
             "errors": manifest.report.errors,
         }
 
+    def publish(self, out_dir: str) -> tuple[list[bytes], int]:
+        """Upload this shard's coefficient (and extras) files; the tasks to publish, and the bytes sent."""
+        bundle = Path(out_dir) / "bundles" / self.name
+        sent = self.client.traffic.bytes_sent
+        tasks = []
+        for entry in read_manifest(bundle).tasks:
+            coefficients = self.client.upload(coefficients_file(bundle, entry.name), "coefficients")
+            extras = self.client.upload(extras_file(bundle, entry.name), "extras") if entry.extras else None
+            public = entry.model_copy(update={"source": f"site {self.client.site_id}"})  # no local paths leave the site
+            task = pb.PublishedTask(name=entry.name, task_json=public.model_dump_json(), coefficients=coefficients, extras=extras)
+            tasks.append(task.SerializeToString())
+        return tasks, self.client.traffic.bytes_sent - sent
+
 
 def run_site(
     address: str,
@@ -101,6 +115,7 @@ def run_site(
     actors: int | None = None,
     actor_cpus: float = 1.0,
     wait_timeout: float = 3600.0,
+    publish_coefficients: bool = False,
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors."""
@@ -136,6 +151,12 @@ def run_site(
         on_stage(site_id, "revert")
         options = {"basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
         finished = ray.get([h.finish.remote(options, str(out)) for h in handles])
+        published = 0
+        if publish_coefficients:
+            on_stage(site_id, "publish")
+            uploads = ray.get([h.publish.remote(str(out)) for h in handles])
+            client.publish([pb.PublishedTask.FromString(t) for tasks, _ in uploads for t in tasks])
+            published = sum(sent for _, sent in uploads)
     finally:
         client.close()
         for h in handles:
@@ -153,6 +174,7 @@ def run_site(
         "bytes_up": sum(s["bytes_sent"] for s in stats),
         "chunks_skipped": sum(s["chunks_skipped"] for s in stats),
         "bytes_down": sum(f["bytes_received"] for f in finished),
+        "bytes_published": published,
         "seconds": {
             **seconds,
             "sketch": max(s["sketch_seconds"] for s in stats),

@@ -177,3 +177,29 @@ class ReportResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class PublishedTask(_message.Message):
+    __slots__ = ("name", "task_json", "coefficients", "extras")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_JSON_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    task_json: str
+    coefficients: Part
+    extras: Part
+    def __init__(self, name: _Optional[str] = ..., task_json: _Optional[str] = ..., coefficients: _Optional[_Union[Part, _Mapping]] = ..., extras: _Optional[_Union[Part, _Mapping]] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("federation_id", "site_id", "tasks")
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    federation_id: str
+    site_id: str
+    tasks: _containers.RepeatedCompositeFieldContainer[PublishedTask]
+    def __init__(self, federation_id: _Optional[str] = ..., site_id: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[PublishedTask, _Mapping]]] = ...) -> None: ...
+
+class PublishResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class FederationStub:
                 request_serializer=protos_dot_rmm_dot_v1_dot_federation__pb2.ReportRequest.SerializeToString,
                 response_deserializer=protos_dot_rmm_dot_v1_dot_federation__pb2.ReportResponse.FromString,
                 _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/rmm.v1.Federation/Publish',
+                request_serializer=protos_dot_rmm_dot_v1_dot_federation__pb2.PublishRequest.SerializeToString,
+                response_deserializer=protos_dot_rmm_dot_v1_dot_federation__pb2.PublishResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -123,6 +128,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Publish(self, request, context):
+        """Opt-in, once DONE: hand the coordinator some of the site's own tasks' coefficients (chunks
+        uploaded beforehand), so it can revert them itself. The same content again is a no-op; other
+        content for a published task is refused (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +174,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=protos_dot_rmm_dot_v1_dot_federation__pb2.ReportRequest.FromString,
                     response_serializer=protos_dot_rmm_dot_v1_dot_federation__pb2.ReportResponse.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=protos_dot_rmm_dot_v1_dot_federation__pb2.PublishRequest.FromString,
+                    response_serializer=protos_dot_rmm_dot_v1_dot_federation__pb2.PublishResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +370,33 @@ class Federation:
             '/rmm.v1.Federation/Report',
             protos_dot_rmm_dot_v1_dot_federation__pb2.ReportRequest.SerializeToString,
             protos_dot_rmm_dot_v1_dot_federation__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rmm.v1.Federation/Publish',
+            protos_dot_rmm_dot_v1_dot_federation__pb2.PublishRequest.SerializeToString,
+            protos_dot_rmm_dot_v1_dot_federation__pb2.PublishResponse.FromString,
             options,
             channel_credentials,
             insecure,
