@@ -44,6 +44,12 @@ def sha256_file(file: Path) -> str:
     return h.hexdigest()
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Refuse to replace a non-empty output unless forced: a user's files are never lost silently."""
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise RMMError("output exists and is not empty; pass --force to replace it", file=out)
+
+
 @contextmanager
 def atomic_dir(out: Path):
     """Yield a fresh temporary directory beside `out`; on success it replaces `out` whole.

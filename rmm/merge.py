@@ -35,7 +35,7 @@ from rmm.bundle import (
 )
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.io import StreamingWriter, atomic_dir, open_safetensors, read_all, read_tensor, sha256_file
+from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, sha256_file
 from rmm.metrics import relative_error
 from rmm.solver import Moments, coefficients, energy_kept, reconstruct, solve, storage_numbers
 
@@ -57,7 +57,7 @@ def merge(
     """
     options = options or MergeOptions()
     out = Path(out)
-    _check_out(out, force)
+    check_output(out, force)
     clock = time.perf_counter()
     adapters = [open_adapter(d) for d in adapter_dirs]
     check_compatible(adapters)
@@ -282,8 +282,3 @@ def _storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise RMMError("output exists and is not empty; pass --force to replace it", file=out)

@@ -23,7 +23,7 @@ from coordinator.config import CoordinatorConfig, FederationConfig, Site, TLSCon
 from coordinator.server import Coordinator
 from rmm.adapter import check_compatible, open_adapter
 from rmm.bundle import MergeOptions
-from rmm.errors import RMMError
+from rmm.io import check_output
 from rmm.merge import module_specs
 from workers.client import Credentials, FederationClient
 from workers.site import run_site
@@ -94,10 +94,8 @@ def simulate(
     """
     options = options or MergeOptions()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise RMMError("output exists and is not empty; pass --force to replace it", file=out)
-        shutil.rmtree(out)
+    check_output(out, force)
+    shutil.rmtree(out, ignore_errors=True)
     adapters = [open_adapter(d) for d in adapter_dirs]
     check_compatible(adapters)
     shards = shards or split([a.path for a in adapters], sites)
