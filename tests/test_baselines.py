@@ -45,7 +45,7 @@ def test_registry_lists_every_method():
     assert set(SINGLE) == {
         "ta-factors", "ties-factors", "dare-factors", "ta-dw", "ties-dw", "dare-dw", "core-space-ta", "core-space-ties", "lore"
     }
-    assert {n for n, m in METHODS.items() if m.kind == "reversible"} == {"truncate", "rmm-paper", "rmm-canonical"}
+    assert {n for n, m in METHODS.items() if m.kind == "reversible"} == {"truncate", "rmm-paper", "rmm-canonical", "joint"}
     assert all(m.description for m in METHODS.values())
 
 
@@ -226,3 +226,21 @@ def test_conv1d_gpt2_adapters(gpt2_base, tmp_path, name):
     ins = [make_adapter(gpt2_base, tmp_path / "in" / f"g{t}", seed=t, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True) for t in range(3)]
     run(name, ins, tmp_path / "out")
     finite_logits(gpt2_base, tmp_path / "out" / SINGLE_DIR)
+
+
+def test_joint_subspace_is_exact_at_full_rank_and_counts_its_storage(adapters, llama_base, tmp_path):
+    full = run("joint", adapters, tmp_path / "full", rank=10_000)  # K capped per side at min(size, T r)
+    assert max(full["errors"].values()) < 1e-6
+    for a in adapters:
+        assert_same_dw(deltas(tmp_path / "full" / a.name), deltas(a))
+    small = run("joint", adapters, tmp_path / "small", rank=3)
+    spec = open_adapter(adapters[0]).modules
+    T = len(adapters)
+    assert small["numbers_stored"] == sum(3 * (s.out_features + s.in_features) + T * 9 for s in spec.values())  # 3 < every side
+    half = run("joint", adapters, tmp_path / "half", storage_ratio=0.5)
+    assert half["storage_ratio"] <= 0.5 and 0 < max(half["errors"].values()) < 1
+    for a in adapters:  # the reported error is the written adapter's
+        got, want = deltas(tmp_path / "half" / a.name), deltas(a)
+        errs = [rel(got[m], want[m]) for m in want]
+        assert sum(errs) / len(errs) == pytest.approx(half["errors"][a.name], rel=1e-5, abs=1e-8)
+    finite_logits(llama_base, tmp_path / "half" / adapters[0].name)

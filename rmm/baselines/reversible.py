@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from rmm.adapter import LoraAdapter, write_adapter
 from rmm.baselines import SUMMARY_FILE, register
 from rmm.bundle import MergeOptions
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.merge import merge, revert
+from rmm.merge import merge, module_specs, revert, stack_factors
 from rmm.metrics import relative_error
 
 BUNDLE_DIR = "bundle"
@@ -78,3 +80,55 @@ def rmm_paper(adapters: list[LoraAdapter], out_dir: Path, *, basis_size=None, st
 @register("rmm-canonical", "reversible", "RMM on canonicalised factors (rmm.merge with canonicalize=True)")
 def rmm_canonical(adapters: list[LoraAdapter], out_dir: Path, *, basis_size=None, storage_ratio=None) -> dict:
     return _rmm(adapters, out_dir, basis_size, storage_ratio, canonical=True)
+
+
+@register("joint", "reversible", "Joint subspace sharing: per module shared bases U, V and a small K x K core per task")
+def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_ratio=None) -> dict:
+    """dW_t ~= U M_t V^T per module, U (out x K) and V (in x K) shared by all tasks, M_t (K x K) per task.
+
+    U and V are the top-K singular vectors of the tasks' stacked dW column and row spaces (from the
+    canonical factors: [U_1 S_1, ..., U_T S_T], never out x in), each capped at its side's size and
+    at T r. Storage per module: K (out + in) + T K^2 (with the caps), so sharing pays when T is
+    large and the tasks' subspaces overlap; exact once K covers both stacked spaces. K = `rank`, or
+    the largest K whose storage fits `storage_ratio` of the module's original numbers (default 0.5).
+    """
+    if rank is not None and storage_ratio is not None:
+        raise RMMError("give either rank or storage_ratio, not both")
+    if rank is None and storage_ratio is None:
+        storage_ratio = 0.5
+    _check_names(adapters, {SUMMARY_FILE})
+    T = len(adapters)
+    factors: dict[str, dict] = {a.name: {} for a in adapters}
+    errors: dict[str, list[float]] = {a.name: [] for a in adapters}
+    stored = 0
+    for mod in module_specs(adapters):
+        B, A = stack_factors(adapters, mod, canonical=True)  # (T, out, r), (T, r, in): B = U sqrt(S), A = sqrt(S) V^T
+        n_out, n_in, r = mod.out_features, mod.in_features, mod.rank
+        original = sum(a.modules[mod.name].rank for a in adapters) * (n_out + n_in)
+        # K directions on each side, capped by what that side has: U is out x Ku, V is in x Kv.
+        def sides(k: int) -> tuple[int, int]:
+            return min(k, n_out, T * r), min(k, n_in, T * r)
+
+        def cost(k: int) -> int:
+            ku, kv = sides(k)
+            return ku * n_out + kv * n_in + T * ku * kv
+
+        if rank is not None:
+            K = rank
+        else:
+            K = max((k for k in range(T * r + 1) if cost(k) <= storage_ratio * original), default=0)
+        Ku, Kv = sides(K)
+        root = (B * B).sum(-2).sqrt().unsqueeze(-2)  # sqrt(S) per canonical direction
+        U = torch.linalg.svd(torch.cat(list(B * root), dim=1), full_matrices=False)[0][:, :Ku]
+        V = torch.linalg.svd(torch.cat(list(A * root.mT), dim=0), full_matrices=False)[2][:Kv].T
+        M = (U.T @ B) @ (A @ V)  # (T, Ku, Kv)
+        err = relative_error(B, A, U @ M, V.T.expand(T, Kv, n_in))
+        stored += cost(K)
+        for t, a in enumerate(adapters):
+            factors[a.name][mod.name] = (U @ M[t], V.T.contiguous())
+            errors[a.name].append(err[t].item())
+    written = {}
+    for a in adapters:
+        write_adapter(out_dir / a.name, a.config, factors[a.name], a.load_extras(), a.dtype)
+        written[a.name] = out_dir / a.name
+    return {"adapters": written, "numbers_stored": stored, "errors": {t: sum(e) / len(e) for t, e in errors.items()}}
