@@ -63,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the per-module summary as JSON on stdout")
     p.set_defaults(run=_extract)
 
+    p = verbs.add_parser("baseline", help="run a registered merging baseline (TA, TIES, DARE, Core Space, LoRE, truncation, ...)")
+    p.add_argument("method", nargs="?", metavar="METHOD", help="a registered method; omit with --list")
+    p.add_argument("adapters", nargs="*", type=Path, metavar="ADAPTER_DIR")
+    p.add_argument("--out", type=Path, metavar="DIR")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (JSON value), repeatable")
+    p.add_argument("--list", action="store_true", help="list the methods and their parameters")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.set_defaults(run=_baseline)
+
     # Other packages add verbs (the federation's coordinator and sites) without rmm importing them.
     for entry in sorted(entry_points(group="rmm.commands"), key=lambda e: e.name):
         entry.load()(verbs)
@@ -124,6 +134,36 @@ def _inspect(args) -> int:
             module_name(name), row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
         )
     console.print(modules)
+    return 0
+
+
+def _baseline(args) -> int:
+    from rmm.baselines import METHODS, run
+
+    if args.list:
+        table = Table(title="registered methods")
+        for col in ("method", "kind", "parameters", "description"):
+            table.add_column(col)
+        for name, m in METHODS.items():
+            table.add_row(name, m.kind, ", ".join(f"{k}={v}" for k, v in m.params.items()), m.description)
+        console.print(table)
+        return 0
+    if not args.method or not args.adapters or not args.out:
+        raise RMMError("give METHOD, ADAPTER_DIR... and --out DIR (or --list)")
+    params = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise RMMError(f"--param {item!r}: expected NAME=VALUE")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    summary = run(args.method, args.adapters, args.out, force=args.force, **params)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        console.print(f"{args.method}: storage {summary['storage_ratio']:.4f} of the originals, wrote {args.out}", highlight=False)
     return 0
 
 

@@ -7,7 +7,7 @@ import pytest
 from rmm.cli import main
 
 
-@pytest.mark.parametrize("verb", ["merge", "revert", "inspect", "extract"])
+@pytest.mark.parametrize("verb", ["merge", "revert", "inspect", "extract", "baseline", "simulate", "certs"])
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -36,3 +36,13 @@ def test_merge_inspect_revert(adapters, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "rev").iterdir()) == ["task1", "task3"]
     assert main(["revert", str(bundle), "--out", str(tmp_path / "rev"), "--task", "nope"]) == 2
     assert "no task 'nope'" in capsys.readouterr().err
+
+
+def test_baseline_verb(adapters, tmp_path, capsys):
+    assert main(["baseline", "--list"]) == 0
+    assert "truncate" in capsys.readouterr().err
+    out = tmp_path / "t"
+    assert main(["baseline", "truncate", *map(str, adapters), "--out", str(out), "--param", "rank=2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["storage_ratio"] == pytest.approx(0.5) and sorted(p.name for p in out.iterdir() if p.is_dir()) == [a.name for a in adapters]
+    assert main(["baseline", "nope", *map(str, adapters), "--out", str(tmp_path / "n")]) == 2
