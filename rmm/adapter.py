@@ -218,7 +218,7 @@ def write_adapter(
     """
     if not factors:
         raise RMMError("no LoRA modules to write", file=out_dir)
-    rank = max(B.shape[1] for B, _ in factors.values())
+    rank = max(1, *(B.shape[1] for B, _ in factors.values()))  # PEFT needs r >= 1, even if every module was dropped
     tensors = {}
     for prefix, (B, A) in factors.items():
         if B.shape[1] != A.shape[0]:

@@ -8,7 +8,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.merge_utils import ties
 
-from conftest import load_base
+from conftest import load_base, make_adapter
 from rmm.adapter import delta_weight, open_adapter
 from rmm.baselines import METHODS, SINGLE_DIR, run
 from rmm.errors import RMMError
@@ -45,7 +45,7 @@ def test_registry_lists_every_method():
     assert set(SINGLE) == {
         "ta-factors", "ties-factors", "dare-factors", "ta-dw", "ties-dw", "dare-dw", "core-space-ta", "core-space-ties", "lore"
     }
-    assert {n for n, m in METHODS.items() if m.kind == "reversible"} == {"truncate", "rmm-paper", "rmm-canonical", "joint"}
+    assert {n for n, m in METHODS.items() if m.kind == "reversible"} == {"truncate", "rmm-paper", "rmm-canonical", "joint", "auto"}
     assert all(m.description for m in METHODS.values())
 
 
@@ -244,3 +244,26 @@ def test_joint_subspace_is_exact_at_full_rank_and_counts_its_storage(adapters, l
         errs = [rel(got[m], want[m]) for m in want]
         assert sum(errs) / len(errs) == pytest.approx(half["errors"][a.name], rel=1e-5, abs=1e-8)
     finite_logits(llama_base, tmp_path / "half" / adapters[0].name)
+
+
+def _squared_errors(out, adapters):
+    total = 0.0
+    for a in adapters:
+        got, want = deltas(out / a.name), deltas(a)
+        total += sum(rel(got[m], want[m]) ** 2 for m in want)
+    return total
+
+
+def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_or_joint(llama_base, tmp_path):
+    shared = [make_adapter(llama_base, tmp_path / "in" / f"s{i}", seed=40 + i, shared=0.6) for i in range(6)]
+    full = run("auto", shared, tmp_path / "full", storage_ratio=1.0)
+    assert full["storage_ratio"] <= 1.0 and _squared_errors(tmp_path / "full", shared) < 1e-10
+    for ratio in (0.25, 0.5):
+        auto = run("auto", shared, tmp_path / f"auto{ratio}", storage_ratio=ratio)
+        assert auto["storage_ratio"] <= ratio + 1e-9
+        mine = _squared_errors(tmp_path / f"auto{ratio}", shared)
+        for other in ("truncate", "joint"):
+            summary = run(other, shared, tmp_path / f"{other}{ratio}", storage_ratio=ratio)
+            assert summary["storage_ratio"] <= ratio + 1e-9
+            assert mine <= _squared_errors(tmp_path / f"{other}{ratio}", shared) + 1e-9, (other, ratio)
+        assert {p["choice"] for p in auto["plan"]} <= {"truncate", "joint"}

@@ -35,7 +35,7 @@ import torch
 
 from rmm.adapter import _A, _B, WEIGHTS_FILE, LoraAdapter, check_compatible, open_adapter, write_adapter
 from rmm.errors import RMMError
-from rmm.io import open_safetensors
+from rmm.io import check_output, open_safetensors
 from rmm.merge import module_specs, numbers_original, stack_factors
 
 Kind = Literal["single", "reversible"]
@@ -101,8 +101,7 @@ def run(name: str, adapter_dirs: list[str | Path], out_dir: str | Path, *, force
         raise RMMError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     method = METHODS[name]
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RMMError("output exists and is not empty; pass force=True to replace it", file=out_dir)
+    check_output(out_dir, force)
     clock = time.perf_counter()
     adapters = [open_adapter(d) for d in adapter_dirs]
     check_compatible(adapters)
@@ -132,7 +131,7 @@ def run(name: str, adapter_dirs: list[str | Path], out_dir: str | Path, *, force
         "storage_ratio": part["numbers_stored"] / original,
         "seconds": time.perf_counter() - clock,
     }
-    for key in ("errors", "extras_dropped", "bundle"):
+    for key in ("errors", "extras_dropped", "bundle", "plan"):
         if key in part:
             summary[key] = str(part[key]) if key == "bundle" else part[key]
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
