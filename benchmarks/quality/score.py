@@ -1,0 +1,160 @@
+"""Score every merging method on a quality suite: accuracy per task, retained gain, storage.
+
+For each adapter a of the suite (trained for task t): `orig` = its accuracy on t, `base` = the base
+model's, `cand` = the candidate's (a reverted adapter, or the one merged adapter of a single-model
+method). normalized = cand / orig; retained gain = (cand - base) / (orig - base). Storage = numbers
+the method stores over the LoRA numbers of the T originals (heads excluded), counted from what the
+method wrote, at the originals' precision.
+
+    python -m benchmarks.quality.score few            # table + JSON + plot in benchmarks/results/
+
+Scores are cached per (suite, method, parameters, tool version) next to the suite, so a re-run only
+scores what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.quality.suites import SUITES, Suite, build_suite, evaluate
+from rmm import __version__
+from rmm.baselines import METHODS, SINGLE_DIR, run
+
+RATIOS = (0.25, 0.375, 0.5)
+REVERSIBLE = ("auto", "truncate", "joint", "rmm-paper", "rmm-canonical")
+SINGLE = ("ta-factors", "ties-factors", "dare-factors", "ta-dw", "ties-dw", "dare-dw", "core-space-ta", "core-space-ties", "lore")
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def candidates() -> list[tuple[str, dict]]:
+    """Every (method, params) the table compares: reversible methods at each storage ratio."""
+    return [(m, {"storage_ratio": r}) for m in REVERSIBLE for r in RATIOS] + [(m, {}) for m in SINGLE] + [("peft-svd", {})]
+
+
+def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
+    """One candidate's per-adapter accuracy and storage (cached next to the suite)."""
+    key = hashlib.sha256(json.dumps([method, params, __version__], sort_keys=True).encode()).hexdigest()[:12]
+    cache = _scores_dir(suite) / f"{method}-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    out = work / f"{method}-{key}"
+    clock = time.perf_counter()
+    dirs = list(suite.adapters.values())
+    if method == "peft-svd":
+        summary = _peft_svd(suite, out)
+    else:
+        summary = run(method, dirs, out, force=True, **params)
+    seconds = time.perf_counter() - clock
+    single = method == "peft-svd" or METHODS[method].kind == "single"
+    acc = {a: evaluate(suite, out / (SINGLE_DIR if single else a), suite.task_of[a]) for a in suite.adapters}
+    result = {
+        "method": method,
+        "params": params,
+        "kind": "single" if single else "reversible",
+        "storage_ratio": summary["storage_ratio"],
+        "accuracy": acc,
+        "seconds": seconds,
+        "score_seconds": time.perf_counter() - clock,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def table(suite: Suite, results: list[dict]) -> dict:
+    """Averages per candidate against the originals and the base."""
+    orig = {a: evaluate(suite, d, suite.task_of[a]) for a, d in suite.adapters.items()}
+    base = {t: evaluate(suite, None, t) for t in suite.tasks}
+    rows = []
+    for r in results:
+        gain = [(r["accuracy"][a] - base[suite.task_of[a]]) / (orig[a] - base[suite.task_of[a]]) for a in suite.adapters]
+        norm = [r["accuracy"][a] / orig[a] for a in suite.adapters]
+        rows.append({**{k: r[k] for k in ("method", "params", "kind", "storage_ratio")},
+                     "retained_gain": sum(gain) / len(gain), "min_normalized": min(norm), "mean_accuracy": sum(r["accuracy"].values()) / len(gain)})
+    return {"suite": suite.name, "adapters": len(suite.adapters), "orig_mean": sum(orig.values()) / len(orig),
+            "base_mean": sum(base[suite.task_of[a]] for a in suite.adapters) / len(orig), "rows": rows}
+
+
+def write(report: dict, command: str) -> Path:
+    """Markdown + JSON + PNG (retained gain against storage) under benchmarks/results/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"quality_{report['suite']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"`{command}`", "", f"suite **{report['suite']}**: {report['adapters']} adapters; mean accuracy of the originals "
+             f"{report['orig_mean']:.3f}, of the base alone {report['base_mean']:.3f}", "",
+             "| method | params | storage | retained gain | min normalized acc | mean acc |", "|---|---|---:|---:|---:|---:|"]
+    for r in sorted(report["rows"], key=lambda r: (r["kind"], r["method"], r["storage_ratio"])):
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"| {r['method']} | {params} | {r['storage_ratio']:.3f} | {r['retained_gain']:.3f} | {r['min_normalized']:.3f} | {r['mean_accuracy']:.3f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in REVERSIBLE:
+        pts = sorted((r["storage_ratio"], r["retained_gain"]) for r in report["rows"] if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    singles = [r for r in report["rows"] if r["kind"] == "single"]
+    for r, marker in zip(singles, "xPD^v<>sp*h"):  # one merged model each: points, told apart by marker
+        ax.scatter(r["storage_ratio"], r["retained_gain"], marker=marker, label=f"{r['method']} (single)")
+    ax.set_xlabel("storage (numbers stored / numbers of the T original LoRAs)")
+    ax.set_ylabel("average retained gain")
+    ax.set_title(f"suite {report['suite']}: {report['adapters']} adapters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    return stem
+
+
+def _scores_dir(suite: Suite) -> Path:
+    return suite.adapters[next(iter(suite.adapters))].parent.parent / "scores"
+
+
+def _peft_svd(suite: Suite, out: Path) -> dict:
+    """PEFT's own `add_weighted_adapter(combination_type="svd")`, weights 1/T: a third-party reference."""
+    from peft import PeftModel
+
+    from benchmarks.quality.suites import load
+    from rmm.baselines import lora_numbers
+
+    names = list(suite.adapters)
+    model = PeftModel.from_pretrained(load(suite), suite.adapters[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(suite.adapters[n], adapter_name=n)
+    r = model.peft_config[names[0]].r
+    model.add_weighted_adapter(names, [1 / len(names)] * len(names), "merged", combination_type="svd", svd_rank=r)
+    model.save_pretrained(out, selected_adapters=["merged"])
+    merged = out / "merged"
+    original = sum(lora_numbers(d) for d in suite.adapters.values())
+    return {"storage_ratio": lora_numbers(merged) / original}
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description="score every method on quality suites")
+    parser.add_argument("suites", nargs="*", default=["few"], choices=SUITES)
+    parser.add_argument("--work", type=Path, default=Path(".cache/quality/work"))
+    args = parser.parse_args()
+    for name in args.suites:
+        suite = build_suite(name)
+        results = [score(suite, m, p, args.work) for m, p in candidates()]
+        stem = write(table(suite, results), f"python -m benchmarks.quality.score {name}")
+        print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The quality suites are real: adapters trained here on pydoc text load with PEFT, beat the base on
+their own task by a clear margin, are scored deterministically, and are cached so a rebuild costs nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from benchmarks.quality import suites as S
+
+# A reduced *few*: two families, short training; the full suites use the same code path.
+SUBSET = ("upper", "rot13")
+SMALL = dict(families=SUBSET, base_steps=150, adapter_steps=60, eval_n=16)
+MARGIN = 0.10  # accuracy points an adapter must gain over the base on its own task
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("quality-cache")
+    return cache, S.build_suite("few", cache, progress=False, spec=S.suite_spec("few", **SMALL))
+
+
+def snapshot(folder: Path) -> dict:
+    return {
+        str(f.relative_to(folder)): (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+def test_full_specs_have_the_required_shape():
+    few, many = S.suite_spec("few"), S.suite_spec("many")
+    assert S.SUITES == ("few", "many")
+    assert len(few["adapters"]) >= 6
+    assert len({a["family"] for a in few["adapters"].values()}) == len(few["adapters"])  # all different
+    assert len(many["adapters"]) >= 32
+    families = {a["family"] for a in many["adapters"].values()}
+    assert 4 <= len(families) <= 8
+    for f in families:  # variants of one family differ in data, seed and learning rate
+        variants = [a for a in many["adapters"].values() if a["family"] == f]
+        for key in ("topics", "seed", "lr"):
+            assert len({json.dumps(v[key]) for v in variants}) > 1, (f, key)
+    assert few["base"] == many["base"]  # one shared base
+    with pytest.raises(ValueError):
+        S.suite_spec("nope")
+
+
+def test_text_is_split_and_transformed():
+    train, held_out = S.topic_split()
+    assert len(held_out) >= 15 and not set(train) & set(held_out)
+    plain = S.decode(S.eval_windows(None, 4)[1].tolist())
+    assert S.decode(S.eval_windows("upper", 4)[1].tolist()) != plain
+    assert S.TRANSFORMS["rot13"]("Abc xyz") == "Nop klm"
+    assert S.TRANSFORMS["reverse_words"]("ab, cd") == "ba, dc"
+    assert S.TRANSFORMS["pig_latin"]("hello a") == "ellohay a"
+    assert S.TRANSFORMS["no_vowels"]("Alpha beta") == "lph bt"
+    assert S.TRANSFORMS["reverse_lines"]("ab\ncd") == "ba\ndc"
+    assert S.TRANSFORMS["double"]("ab c") == "aabb cc"
+    assert S.TRANSFORMS["atbash"]("Az") == "Za"
+    for f in S.FAMILIES:
+        w = S.eval_windows(f, 8)
+        assert w.shape == (8, S.CTX + 1) and int(w.max()) < S.VOCAB
+        assert torch.equal(w, S.eval_windows(f, 8))
+
+
+def test_layout_and_peft_loading(built):
+    _, suite = built
+    assert list(suite.adapters) == list(SUBSET) and suite.task_of == {t: t for t in SUBSET}
+    base = LlamaForCausalLM.from_pretrained(suite.base_dir / "model")
+    for name, adapter_dir in suite.adapters.items():
+        assert adapter_dir.name == name
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        assert config["task_type"] == "CAUSAL_LM" and config["r"] == 8
+        assert config["base_model_name_or_path"] == str(suite.base_dir / "model")
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        lora_b = [v for k, v in weights.items() if "lora_B" in k]
+        assert len(lora_b) == 7 * 2  # 7 target modules in 2 layers
+        assert all(v.abs().sum() > 0 for v in lora_b), "some LoRA module was not trained"
+        model = PeftModel.from_pretrained(base, adapter_dir)
+        assert model.active_peft_config.r == 8
+        base = model.unload()
+
+
+def test_each_adapter_beats_the_base_on_its_task_deterministically(built):
+    _, suite = built
+    for name, adapter_dir in suite.adapters.items():
+        task = suite.task_of[name]
+        base_acc = S.evaluate(suite, None, task)
+        acc = S.evaluate(suite, adapter_dir, task)
+        assert acc == S.evaluate(suite, adapter_dir, task)  # deterministic, to the bit
+        assert acc >= base_acc + MARGIN, (name, base_acc, acc)
+
+
+def test_cache_is_reused_without_retraining(built):
+    cache, suite = built
+    before = snapshot(cache)
+    t0 = time.perf_counter()
+    again = S.build_suite("few", cache, progress=False, spec=S.suite_spec("few", **SMALL))
+    assert time.perf_counter() - t0 < 2.0
+    assert again.adapters == suite.adapters and again.base_dir == suite.base_dir
+    assert snapshot(cache) == before
+    assert not [p for p in cache.rglob(".*") if p.is_dir()], "a temporary build folder was left behind"
+    # A different spec is a different folder; the base (same spec) is shared.
+    other = S.suite_spec("few", **dict(SMALL, adapter_steps=SMALL["adapter_steps"] + 1))
+    assert S._hash(other) != S._hash(suite.spec) and S._hash(other["base"]) == S._hash(suite.spec["base"])
+
+
+def test_scoring_counts_retained_gain_and_storage(built, tmp_path):
+    """Full-rank truncation keeps every gain at storage 1; a single merged model stores 1/T."""
+    from benchmarks.quality.score import score, table
+
+    _, suite = built
+    results = [score(suite, "truncate", {"storage_ratio": 1.0}, tmp_path), score(suite, "ta-dw", {}, tmp_path)]
+    rows = {r["method"]: r for r in table(suite, results)["rows"]}
+    assert rows["truncate"]["storage_ratio"] == pytest.approx(1.0)
+    assert rows["truncate"]["retained_gain"] == pytest.approx(1.0, abs=1e-6) and rows["truncate"]["min_normalized"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["ta-dw"]["storage_ratio"] == pytest.approx(1 / len(suite.adapters))
+    assert rows["ta-dw"]["retained_gain"] < 1.0
+    again = score(suite, "ta-dw", {}, tmp_path / "other")  # cached: same numbers, no work directory made
+    assert again["accuracy"] == results[1]["accuracy"] and not (tmp_path / "other").exists()
