@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 from transformers.utils import logging as hf_logging
+
+from rmm.io import atomic_dir
 
 # Bump when the data generators or the training loop change: the hash below only sees the dicts.
 FORMAT = 1
@@ -196,9 +196,7 @@ def build_examples(
     if final.is_dir():
         return examples
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
+    with atomic_dir(final, keep_existing=True) as tmp:
         with _cpu_quietly():
             torch.manual_seed(TRAIN["seed"])
             LlamaForSequenceClassification(LlamaConfig(**MODEL)).save_pretrained(tmp / "base")
@@ -210,14 +208,6 @@ def build_examples(
                     _train(tmp / "base", task, tmp / "adapters" / task, examples.base_dir,
                            lambda step, loss: bars.update(bar, completed=step, loss=loss))
         (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
-        tmp.chmod(0o755)  # mkdtemp made it private; the cache is not
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same spec first: keep theirs
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return examples
 
 

@@ -51,22 +51,30 @@ def check_output(out: Path, force: bool) -> None:
 
 
 @contextmanager
-def atomic_dir(out: Path):
+def atomic_dir(out: Path, *, keep_existing: bool = False):
     """Yield a fresh temporary directory beside `out`; on success it replaces `out` whole.
 
     On failure it is removed, so readers see the old `out` or the complete new one, never a mix.
+    With `keep_existing` (caches keyed by their content), an `out` that another process finished
+    first is kept and the new copy dropped.
     """
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        if keep_existing and out.is_dir():
+            return
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process renamed its copy in between: keep theirs if asked to
+            if not (keep_existing and out.is_dir()):
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -38,8 +38,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rmm.examples import _cpu_quietly, _seed
+from rmm.io import atomic_dir
 
 # Bump when the text, the transformations, the training loop or the metric change: the hashes only
 # see the spec dicts.
@@ -217,22 +216,6 @@ def _root(cache_dir) -> Path:
     return Path(cache_dir or os.environ.get("RMM_QUALITY_CACHE_DIR") or ".cache/quality").resolve()
 
 
-def _atomic_dir(final: Path, build: Callable[[Path], None]) -> None:
-    """Run `build(tmp)` in a temporary sibling of `final`, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp made it private; the cache is not
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same spec first: keep theirs
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | None = None) -> Suite:
     """Train (or load from cache) the base and every adapter of suite `name` (or of `spec`)."""
     spec = spec or suite_spec(name)
@@ -254,17 +237,14 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
             return lambda step, loss: bars.update(task, completed=step, loss=loss)
 
         if not base_final.is_dir():
-            def build_base(tmp: Path) -> None:
+            with atomic_dir(base_final, keep_existing=True) as tmp:
                 _train_base(spec["base"], tmp / "model", bar("base", spec["base"]["train"]["steps"]))
                 (tmp / "spec.json").write_text(json.dumps(spec["base"], indent=2, sort_keys=True))
-            _atomic_dir(base_final, build_base)
-
-        def build_adapters(tmp: Path) -> None:
-            for a, s in spec["adapters"].items():
-                _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]))
-            (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         if not final.is_dir():
-            _atomic_dir(final, build_adapters)
+            with atomic_dir(final, keep_existing=True) as tmp:
+                for a, s in spec["adapters"].items():
+                    _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]))
+                (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     return suite
 
 
