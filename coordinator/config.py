@@ -59,6 +59,9 @@ class FederationConfig(_Strict):
         for site in self.sites:
             if not _ID.match(site):
                 raise ValueError(f"site id {site!r}: letters, digits, '.', '_' or '-', at most 64")
+        hashes = [s.token_sha256 for s in self.sites.values()]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("two sites share a token: give every site its own")
         if not 1 <= self.min_sites <= len(self.sites):
             raise ValueError(f"min_sites must be between 1 and the number of sites ({len(self.sites)})")
         if not self.modules:

@@ -8,6 +8,7 @@ federation once every site has committed, or at its deadline, and aggregates in 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import hashlib
 import json
@@ -31,6 +32,18 @@ TICK = 0.2  # seconds between deadline checks
 MAX_WAIT = 30.0  # longest Status wait, so idle calls do not pin connections forever
 
 
+def _lock_state_dir(state_dir):
+    """Two coordinators writing one state directory would corrupt it: the second one refuses to start."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RMMError("another coordinator is using this state directory; stop it or choose another --state-dir", file=state_dir) from None
+    return handle
+
+
 class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
@@ -40,9 +53,11 @@ class Coordinator:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._ticker: asyncio.Task | None = None
+        self._lock = None  # an flock on state_dir/.lock while serving
 
     async def start(self) -> int:
         """Open every federation's state, serve, and return the bound port (config port 0: a free one)."""
+        self._lock = _lock_state_dir(self.config.state_dir)
         for fed in self.config.federations:
             state = FederationState(self.config.state_dir, fed)
             self.federations[fed.id] = state
@@ -86,6 +101,9 @@ class Coordinator:
         if self._server:
             await self._server.stop(grace)
         await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._lock:
+            self._lock.close()  # releases the flock
+            self._lock = None
         log.info("coordinator stopped")
 
     async def wait_closed(self) -> None:

@@ -187,3 +187,19 @@ def test_config_errors_name_the_file_and_field(tmp_path):
     bad.write_text("port: 1\n")
     with pytest.raises(RMMError, match="TLS is required"):
         load_config(bad)
+
+
+def test_one_coordinator_per_state_directory_and_one_token_per_site(seven, tmp_path):
+    adapters = [open_adapter(p) for p in seven]
+    sites = {"a": Site(token_sha256=token_hash("t"))}
+    federation = FederationConfig(id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2, sites=sites)
+    config = CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
+    first = BackgroundCoordinator(config)
+    try:
+        with pytest.raises(RMMError, match="another coordinator is using this state directory"):
+            BackgroundCoordinator(config)
+    finally:
+        first.stop()
+    BackgroundCoordinator(config).stop()  # the lock went with the first one
+    with pytest.raises(ValueError, match="two sites share a token"):
+        FederationConfig(id="f", base_model="m", modules=module_specs(adapters), sites={"a": sites["a"], "b": sites["a"]})

@@ -39,13 +39,20 @@ class BackgroundCoordinator:
         self.thread = threading.Thread(target=self.loop.run_forever, name="coordinator", daemon=True)
         self.thread.start()
         self.coordinator = Coordinator(config)
-        self.port = self._run(self.coordinator.start())
+        try:
+            self.port = self._run(self.coordinator.start())
+        except BaseException:
+            self._close_loop()
+            raise
 
     def _run(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
         self._run(self.coordinator.stop(1.0))
+        self._close_loop()
+
+    def _close_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
