@@ -57,11 +57,14 @@ def _assert_same_adapters(got_dir: Path, want_dir: Path, names):
             assert ((got[m] - want[m]).norm() / want[m].norm()).item() < 1e-5, (name, m)
 
 
-@pytest.mark.parametrize("kind", ["moments", "sketch", "factors"])
+@pytest.mark.parametrize("kind", ["moments", "sketch", "factors", "auto"])
 def test_simulated_federation_equals_centralised_merge(ray_cluster, seven, centralised, tmp_path, kind):
     shards = [seven[:1], seven[1:3], seven[3:]]
     report = simulate(seven, 3, tmp_path, OPTIONS, upload=kind, sketch_rank=6, shards=shards)
     assert [len(s["tasks"]) for s in report["sites"]] == [1, 2, 4]
+    if kind == "auto":  # r = 6: 1, 2 and 4 tasks are all below (r + 3) / 2, so every site sends its exact sketch
+        assert [s["upload"] for s in report["sites"]] == ["sketch"] * 3
+        assert all(s["payload_numbers"] == s["smallest_exact_numbers"] for s in report["sites"])
     for site in report["sites"]:
         _assert_same_adapters(Path(site["reverted"]), centralised, site["tasks"])
         assert site["bytes_up"] == site["payload_bytes"] > 0 and site["bytes_down"] > 0

@@ -46,7 +46,10 @@ def register(verbs) -> None:
 
 
 def _add_upload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--upload", choices=["moments", "sketch", "factors"], default="moments", help="what leaves the site (default: moments)")
+    p.add_argument(
+        "--upload", choices=["moments", "sketch", "factors", "auto"], default="moments",
+        help="what leaves the site (default: moments; auto: the smaller exact one of moments and a full-rank sketch)",
+    )
     p.add_argument("--sketch-rank", type=int, default=0, metavar="Q", help="rank q of a sketch upload")
     p.add_argument("--allow-factors", action="store_true", help="consent to sending raw adapters (--upload factors)")
     p.add_argument(

@@ -120,7 +120,7 @@ def simulate(
         canonicalize=options.canonicalize,
         sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()},
         min_sites=len(names),
-        upload_kinds=[upload],
+        upload_kinds=["moments", "sketch"] if upload == "auto" else [upload],
     )
     config = CoordinatorConfig(
         port=0,

@@ -137,6 +137,8 @@ def run_site(
     try:
         # The coordinator refuses a site whose canonicalisation differs from the federation's:
         # mixing canonical and raw factors would misalign positions across sites.
+        if upload == "auto":
+            upload, sketch_rank = _smallest_exact_upload(manifests)
         config = client.join(_site_manifest(manifests, upload, sketch_rank, canonicalize))
         on_stage(site_id, "upload")
         results = ray.get([h.upload.remote(config["modules"], upload, sketch_rank, config["canonicalize"]) for h in handles])
@@ -185,6 +187,15 @@ def run_site(
         "errors": {t: e for f in finished for t, e in f["errors"].items()},
         "reverted": str(out / "reverted"),
     }
+
+
+def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
+    """The exact upload with the fewest numbers for this site: a full-rank sketch (r n per position)
+    when it holds fewer than (r + 3) / 2 tasks, else moments (r (r + 3) / 2 per position)."""
+    n = sum(len(m["tasks"]) for m in manifests)
+    sketch = sum((m["out_features"] + m["in_features"]) * m["rank"] * n for m in manifests[0]["modules"])
+    moments = sum((m["out_features"] + m["in_features"]) * m["rank"] * (m["rank"] + 3) // 2 for m in manifests[0]["modules"])
+    return ("sketch", max(1, n - 1)) if sketch < moments else ("moments", 0)
 
 
 def _site_manifest(manifests: list[dict], upload: str, sketch_rank: int, canonicalize: bool) -> pb.SiteManifest:
