@@ -23,8 +23,12 @@ MARGIN = 0.10  # accuracy points an adapter must gain over the base on its own t
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("quality-cache")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("quality-cache")  # one cache, so every reduced suite shares one base
+
+
+@pytest.fixture(scope="module")
+def built(cache):
     return cache, S.build_suite("few", cache, progress=False, spec=S.suite_spec("few", **SMALL))
 
 
@@ -38,7 +42,7 @@ def snapshot(folder: Path) -> dict:
 
 def test_full_specs_have_the_required_shape():
     few, many = S.suite_spec("few"), S.suite_spec("many")
-    assert S.SUITES == ("few", "many")
+    assert S.SUITES == ("few", "many", "hetero", "pt-svd")
     assert len(few["adapters"]) >= 6
     assert len({a["family"] for a in few["adapters"].values()}) == len(few["adapters"])  # all different
     assert len(many["adapters"]) >= 32
@@ -49,6 +53,16 @@ def test_full_specs_have_the_required_shape():
         for key in ("topics", "seed", "lr"):
             assert len({json.dumps(v[key]) for v in variants}) > 1, (f, key)
     assert few["base"] == many["base"]  # one shared base
+    hetero, pt_svd = S.suite_spec("hetero"), S.suite_spec("pt-svd")
+    assert hetero["base"] == pt_svd["base"] == few["base"]
+    loras = [a["lora"] for a in hetero["adapters"].values()]
+    assert len(loras) >= 6 and {lo["r"] for lo in loras} == {4, 8, 16}
+    assert any(lo.get("use_rslora") for lo in loras) and not all(lo.get("use_rslora") for lo in loras)
+    assert len({a["family"] for a in hetero["adapters"].values()}) == len(loras)
+    assert len(pt_svd["adapters"]) >= 6
+    for a in pt_svd["adapters"].values():
+        assert a["kind"] == "full" and "lora" not in a and a["extract"]["rank"] == 8
+        assert sorted(a["extract"]["target_modules"]) == sorted(S.LORA["target_modules"])
     with pytest.raises(ValueError):
         S.suite_spec("nope")
 
@@ -126,3 +140,51 @@ def test_scoring_counts_retained_gain_and_storage(built, tmp_path):
     assert rows["ta-dw"]["retained_gain"] < 1.0
     again = score(suite, "ta-dw", {}, tmp_path / "other")  # cached: same numbers, no work directory made
     assert again["accuracy"] == results[1]["accuracy"] and not (tmp_path / "other").exists()
+
+
+# --- hetero and pt-svd, reduced the same way (sharing the base built above) -----------------------
+
+@pytest.fixture(scope="module")
+def hetero(cache):
+    return S.build_suite("hetero", cache, progress=False, spec=S.suite_spec("hetero", **SMALL))
+
+
+@pytest.fixture(scope="module")
+def pt_svd(cache):
+    return S.build_suite("pt-svd", cache, progress=False, spec=S.suite_spec("pt-svd", **SMALL))
+
+
+def test_hetero_adapters_have_their_ranks_and_rslora_and_beat_the_base(hetero):
+    specs = hetero.spec["adapters"]
+    assert [specs[a]["lora"]["r"] for a in SUBSET] == [4, 16]  # the first two of the full suite's configs
+    assert [bool(specs[a]["lora"].get("use_rslora")) for a in SUBSET] == [False, True]
+    for name, adapter_dir in hetero.adapters.items():
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        lora = specs[name]["lora"]
+        assert config["r"] == lora["r"] and config["lora_alpha"] == lora["lora_alpha"]
+        assert config["use_rslora"] == bool(lora.get("use_rslora"))
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+        # A is r x in: 64 wide, or 192 for down_proj
+        assert {tuple(v.shape) for k, v in weights.items() if "lora_A" in k} == {(lora["r"], 64), (lora["r"], 192)}
+        task = hetero.task_of[name]
+        assert S.evaluate(hetero, adapter_dir, task) >= S.evaluate(hetero, None, task) + MARGIN, name
+
+
+def test_pt_svd_adapters_are_extracted_from_full_fine_tunes_and_keep_their_accuracy(pt_svd):
+    assert set(pt_svd.full) == set(pt_svd.adapters) == set(SUBSET)
+    base = LlamaForCausalLM.from_pretrained(pt_svd.base_dir / "model")
+    rows = S.report(pt_svd)["rows"]
+    for name, adapter_dir in pt_svd.adapters.items():
+        ft_dir = pt_svd.full[name]
+        assert (ft_dir / "config.json").is_file() and (ft_dir / "model.safetensors").is_file()
+        summary = json.loads((ft_dir / "extract.json").read_text())
+        assert summary["r"] == 8 and not summary["skipped"]  # only the projections were trained
+        assert len(summary["modules"]) == 7 * 2
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        assert config["r"] == 8 and config["base_model_name_or_path"] == str(pt_svd.base_dir / "model")
+        model = PeftModel.from_pretrained(base, adapter_dir)
+        assert model.active_peft_config.r == 8
+        base = model.unload()
+        row = rows[name]
+        assert row["adapter"] >= row["base"] + MARGIN, (name, row)
+        assert row["full"] >= row["adapter"] - 0.1 and abs(row["full"] - row["adapter"]) <= 0.1, (name, row)

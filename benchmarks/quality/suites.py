@@ -16,13 +16,18 @@ under that family's transformation: deterministic, and the base alone is far bel
     python -m benchmarks.quality.suites few many        # from the repository root: build, print the table
 
 Suites (`SUITES`):
-  few   one adapter for each of 6 different families;
-  many  8 families x 4 variants = 32 adapters; the variants of a family differ the way customers'
-        adapters do: training-topic subsets, seeds, learning rates and step counts.
-Every adapter in a spec is one dict (`kind`, `family`, `topics`, `seed`, `lr`, `steps`, `lora`), so the
-later suites are new entries, not new code paths: *hetero* only changes `lora` (r = 4/8/16,
-`use_rslora`); *pt-svd* needs `kind="full"` (a full fine-tune compressed with `rmm.extract.extract`),
-which `_train_adapter` refuses for now.
+  few     one adapter for each of 6 different families;
+  many    8 families x 4 variants = 32 adapters; the variants of a family differ the way customers'
+          adapters do: training-topic subsets, seeds, learning rates and step counts;
+  hetero  the 6 families of *few* with heterogeneous LoRA configs: r = 4, 16, 8, 16, 4, 8, two of
+          them (r = 16 and r = 8) with `use_rslora=True` (scaling alpha / sqrt(r));
+  pt-svd  the 6 families of *few* as full fine-tunes (every weight of the 7 projections of the blocks
+          trained; embeddings, norms and head frozen, so the delta is all LoRA can express), each
+          compressed to a rank-8 PEFT LoRA with `rmm.extract.extract` (PT-SVD). The suite's adapter
+          is the extracted one; the fine-tuned model stays in `Suite.full` (`evaluate` takes it too),
+          so `report` shows what the extraction loses.
+Every adapter in a spec is one dict (`kind`, `family`, `topics`, `seed`, `lr`, `steps`, then `lora` for
+kind "lora", `extract` (rank, target modules) for kind "full").
 
 Cache: `cache_dir`, else `$RMM_QUALITY_CACHE_DIR`, else `.cache/quality`. The base lives in
 `<root>/base/<hash of its spec>` (shared by every suite, so adapters of different suites share one
@@ -136,6 +141,8 @@ def eval_windows(family: str | None, n: int) -> torch.Tensor:
 
 # --- specs ----------------------------------------------------------------------------------------
 
+EXTRACT_RANK = 8  # *pt-svd*: rank of the LoRA extracted from each full fine-tune
+
 MODEL = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CTX, tie_word_embeddings=False,
@@ -146,10 +153,21 @@ LORA = dict(
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 )
 ADAPTER_TRAIN = dict(steps=300, batch_size=32, lr=5e-3)
+# *pt-svd*: full fine-tunes move every projection weight: a lower rate than LoRA's, fewer steps. (Rank-8
+# PT-SVD of a 64-wide model keeps about half the gain whatever the rate / steps; 150 steps at 2e-3 kept most.)
+FULL_TRAIN = dict(steps=150, batch_size=32, lr=2e-3)
 EVAL_N = 64  # windows: 64 x 128 = 8192 scored characters per evaluation
 
 
 def _adapter(family: str, *, part=0, parts=1, seed=0, lr=None, steps=None, lora=None, kind="lora") -> dict:
+    if kind == "full":  # full fine-tune of the projections, then PT-SVD to rank EXTRACT_RANK
+        return dict(
+            kind=kind, family=family, topics=[part, parts], seed=seed,
+            lr=lr or FULL_TRAIN["lr"], steps=steps or FULL_TRAIN["steps"], batch_size=FULL_TRAIN["batch_size"],
+            extract=dict(rank=EXTRACT_RANK, target_modules=list(LORA["target_modules"])),
+        )
+    if kind != "lora":
+        raise ValueError(f"unknown adapter kind {kind!r}")
     return dict(
         kind=kind, family=family, topics=[part, parts], seed=seed,
         lr=lr or ADAPTER_TRAIN["lr"], steps=steps or ADAPTER_TRAIN["steps"],
@@ -168,11 +186,25 @@ MANY_VARIANTS = (
 )
 
 
+# *hetero*: the i-th family gets the i-th LoRA config (a reduced suite with 2 families keeps r = 4 and
+# an rslora r = 16). lora_alpha stays 16, so the scalings are 4, 4 (rslora), 2, 1, 4, 5.7 (rslora).
+HETERO_LORA = (
+    dict(r=4), dict(r=16, use_rslora=True), dict(r=8), dict(r=16), dict(r=4), dict(r=8, use_rslora=True),
+)
+
+
 def suite_spec(name: str, families=None, adapter_steps: int | None = None, base_steps: int | None = None,
                eval_n: int | None = None) -> dict:
     """The full spec of suite `name`; the keyword arguments shrink it (tests use them)."""
     if name == "few":
         adapters = {f: _adapter(f) for f in families or FEW_FAMILIES}
+    elif name == "hetero":
+        fams = families or FEW_FAMILIES
+        if len(fams) > len(HETERO_LORA):
+            raise ValueError(f"hetero has LoRA configs for {len(HETERO_LORA)} families, got {len(fams)}")
+        adapters = {f: _adapter(f, lora=lora) for f, lora in zip(fams, HETERO_LORA)}
+    elif name == "pt-svd":
+        adapters = {f: _adapter(f, kind="full") for f in families or FEW_FAMILIES}
     elif name == "many":
         adapters = {
             f"{f}-{i}": _adapter(f, **v) for f in families or FAMILIES for i, v in enumerate(MANY_VARIANTS)
@@ -187,7 +219,7 @@ def suite_spec(name: str, families=None, adapter_steps: int | None = None, base_
     return dict(format=FORMAT, suite=name, base=base, adapters=adapters, eval_n=eval_n or EVAL_N)
 
 
-SUITES = ("few", "many")
+SUITES = ("few", "many", "hetero", "pt-svd")
 
 
 def _hash(obj) -> str:
@@ -205,6 +237,8 @@ class Suite:
     adapters: dict[str, Path]  # adapter name -> PEFT adapter directory named after it
     task_of: dict[str, str]  # adapter name -> the evaluation task (family) it was trained for
     spec: dict = field(repr=False)
+    # kind "full" adapters: name -> the fine-tuned LlamaForCausalLM directory the adapter was extracted from
+    full: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @property
     def tasks(self) -> list[str]:
@@ -225,6 +259,7 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
     suite = Suite(
         spec["suite"], base_final, {a: final / "adapters" / a for a in spec["adapters"]},
         {a: s["family"] for a, s in spec["adapters"].items()}, spec,
+        {a: final / "full" / a for a, s in spec["adapters"].items() if s["kind"] == "full"},
     )
     if final.is_dir() and base_final.is_dir():
         return suite
@@ -243,7 +278,10 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
         if not final.is_dir():
             with atomic_dir(final, keep_existing=True) as tmp:
                 for a, s in spec["adapters"].items():
-                    _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]))
+                    if s["kind"] == "full":
+                        _train_full(suite.base_dir, a, s, tmp / "full" / a, tmp / "adapters" / a, bar(a, s["steps"]))
+                    else:
+                        _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]))
                 (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     return suite
 
@@ -287,7 +325,7 @@ def _train_base(base: dict, out_dir: Path, report) -> None:
 def _train_adapter(base_dir: Path, name: str, s: dict, out_dir: Path, report) -> None:
     """Fit one LoRA adapter on its family's transformed training topics; save it as a PEFT directory."""
     if s["kind"] != "lora":
-        raise NotImplementedError(f"adapter kind {s['kind']!r} (full fine-tune + extract) is not built yet")
+        raise ValueError(f"adapter kind {s['kind']!r} is not a LoRA adapter")
     torch.manual_seed(_seed(s["seed"], name, "init"))
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir / "model"), LoraConfig(**s["lora"]))
     model.peft_config["default"].base_model_name_or_path = str(base_dir / "model")
@@ -295,6 +333,28 @@ def _train_adapter(base_dir: Path, name: str, s: dict, out_dir: Path, report) ->
     params = [p for p in model.parameters() if p.requires_grad]
     _fit(model, params, ids, s["steps"], s["batch_size"], s["lr"], _seed(s["seed"], name, "data"), report)
     model.save_pretrained(out_dir, save_embedding_layers=False)  # else PEFT may look the base up on the Hub
+
+
+def _train_full(base_dir: Path, name: str, s: dict, ft_dir: Path, out_dir: Path, report) -> None:
+    """Fine-tune every weight of the target projections on the family's text (the rest frozen), save
+    the model in `ft_dir`, and extract its rank-r PEFT LoRA into `out_dir` (summary in ft_dir/extract.json)."""
+    from rmm.extract import extract
+
+    torch.manual_seed(_seed(s["seed"], name, "init"))
+    model = LlamaForCausalLM.from_pretrained(base_dir / "model")
+    targets = tuple(s["extract"]["target_modules"])
+    params = []
+    for module_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in targets)
+            if p.requires_grad:
+                params.append(p)
+    ids = corpus(s["family"], topic_subset(*s["topics"]))
+    _fit(model, params, ids, s["steps"], s["batch_size"], s["lr"], _seed(s["seed"], name, "data"), report)
+    model.save_pretrained(ft_dir)
+    summary = extract(base_dir / "model", ft_dir, s["extract"]["rank"], out_dir,
+                      target_modules=list(targets), progress=False)
+    (ft_dir / "extract.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -313,8 +373,11 @@ def accuracy(model, family: str, n: int = EVAL_N) -> float:
 
 
 def load(suite: Suite, adapter_dir=None):
-    """The base model, with the adapter in `adapter_dir` applied (PEFT) unless it is None."""
+    """The base model, with the adapter in `adapter_dir` applied (PEFT) unless it is None; a full model
+    directory (config.json, as in `suite.full`) is loaded as it is."""
     with _cpu_quietly():
+        if adapter_dir is not None and (Path(adapter_dir) / "config.json").is_file():
+            return LlamaForCausalLM.from_pretrained(adapter_dir).eval()
         model = LlamaForCausalLM(LlamaConfig(**suite.spec["base"]["model"]))
         model.load_state_dict(_base_state(str(suite.base_dir / "model")))
         if adapter_dir is not None:
@@ -330,7 +393,8 @@ def evaluate(suite: Suite, adapter_dir, task: str) -> float:
 
 
 def report(suite: Suite) -> dict:
-    """Per adapter: its task, the base's and the adapter's accuracy, the margin; and timings."""
+    """Per adapter: its task, the base's and the adapter's accuracy, the margin (and, for PT-SVD
+    adapters, the full fine-tune's accuracy); and timings."""
     t0 = time.perf_counter()
     base = {t: evaluate(suite, None, t) for t in suite.tasks}
     rows = {}
@@ -338,6 +402,8 @@ def report(suite: Suite) -> dict:
         t = suite.task_of[a]
         acc = evaluate(suite, d, t)
         rows[a] = dict(task=t, base=base[t], adapter=acc, margin=acc - base[t])
+        if a in suite.full:
+            rows[a]["full"] = evaluate(suite, suite.full[a], t)
     return dict(rows=rows, eval_seconds=time.perf_counter() - t0)
 
 
@@ -356,7 +422,13 @@ if __name__ == "__main__":
         r = report(s)
         print(f"\n## {name}: {len(s.adapters)} adapters, build {built:.0f} s, "
               f"evaluation of all adapters {r['eval_seconds']:.1f} s\n")
-        print("| adapter | task | base | adapter | margin |\n|---|---|---:|---:|---:|")
+        full = bool(s.full)
+        print("| adapter | task | lora | base | adapter | margin |" + (" full fine-tune |" if full else "")
+              + "\n|---|---|---|---:|---:|---:|" + ("---:|" if full else ""))
         for a, row in r["rows"].items():
-            print(f"| {a} | {row['task']} | {row['base']:.3f} | {row['adapter']:.3f} | {row['margin']:+.3f} |")
+            spec = s.spec["adapters"][a]
+            lora = spec.get("lora") or dict(r=spec["extract"]["rank"])
+            kind = f"r={lora['r']}" + (" rslora" if lora.get("use_rslora") else "") + (" pt-svd" if a in s.full else "")
+            print(f"| {a} | {row['task']} | {kind} | {row['base']:.3f} | {row['adapter']:.3f} | {row['margin']:+.3f} |"
+                  + (f" {row['full']:.3f} |" if full else ""))
         print(f"\nsmallest margin: {min(row['margin'] for row in r['rows'].values()):+.3f}")
