@@ -68,6 +68,15 @@ class LoraAdapter:
         return self.config.get("base_model_name_or_path")
 
     @property
+    def lora_numbers(self) -> int:
+        """Numbers in its lora_A / lora_B tensors, at its own ranks (what storage ratios compare to)."""
+        return sum(s.rank * (s.out_features + s.in_features) for s in self.modules.values())
+
+    @property
+    def lora_bytes(self) -> int:
+        return self.lora_numbers * self.dtype.itemsize
+
+    @property
     def fan_in_fan_out(self) -> bool:
         return bool(self.config.get("fan_in_fan_out", False))
 
@@ -170,6 +179,13 @@ def open_adapter(path: str | Path) -> LoraAdapter:
         dtype=dtype,
         sha256=sha256_file(weights),
     )
+
+
+def open_adapters(paths: list[str | Path]) -> list[LoraAdapter]:
+    """Open a set of adapters that will share one model space, refusing any that cannot."""
+    adapters = [open_adapter(p) for p in paths]
+    check_compatible(adapters)
+    return adapters
 
 
 def check_compatible(adapters: list[LoraAdapter]) -> None:

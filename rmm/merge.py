@@ -19,7 +19,7 @@ from rich.progress import track
 from safetensors.torch import save_file
 
 from rmm import __version__
-from rmm.adapter import LoraAdapter, check_compatible, open_adapter, write_adapter
+from rmm.adapter import LoraAdapter, open_adapters, write_adapter
 from rmm.bundle import (
     BASIS_FILE,
     FACTORS,
@@ -59,15 +59,14 @@ def merge(
     out = Path(out)
     check_output(out, force)
     clock = time.perf_counter()
-    adapters = [open_adapter(d) for d in adapter_dirs]
-    check_compatible(adapters)
+    adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)
     if basis is None:
         modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
     else:
         basis = Path(basis)
         modules = modules_of_basis(basis, specs)
-    dtype = _storage_dtype(adapters)
+    dtype = storage_dtype(adapters)
     seconds = {"open": time.perf_counter() - clock}
 
     errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
@@ -107,7 +106,7 @@ def merge(
             numbers_original=original,
             ratio=sum(w.numbers for w in written) / original,
             bytes_stored=sum(w.bytes for w in written),
-            bytes_original=sum(s.rank * (s.out_features + s.in_features) * a.dtype.itemsize for a in adapters for s in a.modules.values()),
+            bytes_original=sum(a.lora_bytes for a in adapters),
         )
         manifest = Manifest(
             tool_version=__version__,
@@ -269,10 +268,10 @@ def _coef_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
 
 
 def numbers_original(adapters: list[LoraAdapter]) -> int:
-    return sum(s.rank * (s.out_features + s.in_features) for a in adapters for s in a.modules.values())
+    return sum(a.lora_numbers for a in adapters)
 
 
-def _storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
+def storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
     """The inputs' dtype when they agree; otherwise the widest float, so no input loses precision."""
     dtypes = {a.dtype for a in adapters}
     if len(dtypes) == 1:

@@ -21,7 +21,7 @@ import ray
 from coordinator.certs import make_dev_certs
 from coordinator.config import CoordinatorConfig, FederationConfig, Site, TLSConfig, token_hash
 from coordinator.server import Coordinator
-from rmm.adapter import check_compatible, open_adapter
+from rmm.adapter import open_adapters
 from rmm.bundle import MergeOptions
 from rmm.io import check_output
 from rmm.merge import module_specs
@@ -103,8 +103,7 @@ def simulate(
     out = Path(out)
     check_output(out, force)
     shutil.rmtree(out, ignore_errors=True)
-    adapters = [open_adapter(d) for d in adapter_dirs]
-    check_compatible(adapters)
+    adapters = open_adapters(adapter_dirs)
     shards = shards or split([a.path for a in adapters], sites)
     if any(not s for s in shards):
         raise ValueError(f"{len(adapters)} adapters cannot fill {len(shards)} sites")
@@ -133,11 +132,13 @@ def simulate(
     address = f"127.0.0.1:{coordinator.port}"
     cpus = ray.cluster_resources().get("CPU", 1)
 
+    def credentials(name: str) -> Credentials:
+        return Credentials(token=tokens[name], ca=certs["ca_cert"], cert=certs[f"{name}_cert"], key=certs[f"{name}_key"])
+
     def site(i: int) -> dict:
         name = names[i]
-        credentials = Credentials(token=tokens[name], ca=certs["ca_cert"], cert=certs[f"{name}_cert"], key=certs[f"{name}_key"])
         return run_site(
-            address, FEDERATION, name, credentials, shards[i], out / name,
+            address, FEDERATION, name, credentials(name), shards[i], out / name,
             upload=upload, sketch_rank=sketch_rank, canonicalize=options.canonicalize,
             allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600,
             publish_coefficients=publish_coefficients, on_stage=on_stage,
@@ -147,8 +148,7 @@ def simulate(
     try:
         with ThreadPoolExecutor(len(names)) as pool:
             results = list(pool.map(site, range(len(names))))
-        first = Credentials(token=tokens[names[0]], ca=certs["ca_cert"], cert=certs[f"{names[0]}_cert"], key=certs[f"{names[0]}_key"])
-        client = FederationClient(address, FEDERATION, names[0], first)
+        client = FederationClient(address, FEDERATION, names[0], credentials(names[0]))
         report = client.report()
         client.close()
     finally:

@@ -18,7 +18,7 @@ import ray
 
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm import __version__
-from rmm.adapter import check_compatible, open_adapter
+from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, revert
@@ -31,8 +31,7 @@ class SiteShard:
 
     def __init__(self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials):
         self.name, self.work = name, Path(work_dir)
-        self.adapters = [open_adapter(d) for d in adapter_dirs]
-        check_compatible(self.adapters)
+        self.adapters = open_adapters(adapter_dirs)
         self.client = FederationClient(address, federation_id, site_id, credentials)
 
     def manifest(self) -> dict:
@@ -41,7 +40,7 @@ class SiteShard:
             "modules": [m.model_dump() for m in module_specs(self.adapters)],
             "tasks": [a.name for a in self.adapters],
             "lora_numbers": numbers_original(self.adapters),
-            "lora_bytes": sum(s.rank * (s.out_features + s.in_features) * a.dtype.itemsize for a in self.adapters for s in a.modules.values()),
+            "lora_bytes": sum(a.lora_bytes for a in self.adapters),
         }
 
     def upload(self, modules: list[dict], kind: str, q: int, canonical: bool) -> tuple[bytes, dict]:

@@ -33,10 +33,10 @@ from typing import Callable, Literal
 
 import torch
 
-from rmm.adapter import _A, _B, WEIGHTS_FILE, LoraAdapter, check_compatible, open_adapter, write_adapter
+from rmm.adapter import _A, _B, WEIGHTS_FILE, LoraAdapter, open_adapters, write_adapter
 from rmm.errors import RMMError
 from rmm.io import check_output, open_safetensors
-from rmm.merge import module_specs, numbers_original, stack_factors
+from rmm.merge import module_specs, numbers_original, stack_factors, storage_dtype
 
 Kind = Literal["single", "reversible"]
 SINGLE_DIR = "merged"
@@ -103,8 +103,7 @@ def run(name: str, adapter_dirs: list[str | Path], out_dir: str | Path, *, force
     out_dir = Path(out_dir)
     check_output(out_dir, force)
     clock = time.perf_counter()
-    adapters = [open_adapter(d) for d in adapter_dirs]
-    check_compatible(adapters)
+    adapters = open_adapters(adapter_dirs)
     T = len(adapters)
 
     if method.kind == "single":
@@ -150,14 +149,6 @@ def lora_numbers(adapter_dir: str | Path) -> int:
                     n *= d
                 total += n
     return total
-
-
-def storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
-    """The inputs' dtype when they agree, else the widest float (as rmm.merge does)."""
-    dtypes = {a.dtype for a in adapters}
-    if len(dtypes) == 1:
-        return dtypes.pop()
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _resolve_params(name: str, method: Method, params: dict) -> dict:
