@@ -28,20 +28,20 @@ LLAMA = LlamaConfig(
 GPT2 = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
 
 
+def _save_base(cls, config, path: Path) -> Path:
+    torch.manual_seed(0)
+    cls(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama_base")
-    LlamaForCausalLM(LLAMA).save_pretrained(path)
-    return path
+    return _save_base(LlamaForCausalLM, LLAMA, tmp_path_factory.mktemp("llama_base"))
 
 
 @pytest.fixture(scope="session")
 def gpt2_base(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("gpt2_base")
-    GPT2LMHeadModel(GPT2).save_pretrained(path)
-    return path
+    return _save_base(GPT2LMHeadModel, GPT2, tmp_path_factory.mktemp("gpt2_base"))
 
 
 def load_base(base: Path):

@@ -31,14 +31,19 @@ def _svd_reference(X, p):
     return out
 
 
+def _fit(X, p):
+    """Solve from X's moments and reconstruct X: (basis, fit)."""
+    basis = solve(Moments.of(X), p)
+    return basis, reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X))
+
+
 @settings(max_examples=60, deadline=None)
 @given(shapes)
 def test_moments_path_equals_direct_svd(shape):
     T, P, r, p, seed = shape
     p = min(p, r)
     X = _data(T, P, r, seed)
-    basis = solve(Moments.of(X), p)
-    fit = reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X))
+    _, fit = _fit(X, p)
     torch.testing.assert_close(fit, _svd_reference(X, p), rtol=1e-7, atol=1e-9)
 
 
@@ -48,8 +53,7 @@ def test_error_per_position_equals_discarded_eigen_energy(shape):
     T, P, r, p, seed = shape
     p = min(p, r)
     X = _data(T, P, r, seed)
-    basis = solve(Moments.of(X), p)
-    fit = reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X))
+    basis, fit = _fit(X, p)
     error = ((X - fit) ** 2).sum((0, 2))  # per position, summed over tasks
     torch.testing.assert_close(error, basis.eigvals[:, p:].sum(1), rtol=1e-7, atol=1e-9)
 
@@ -59,9 +63,8 @@ def test_error_per_position_equals_discarded_eigen_energy(shape):
 def test_full_basis_is_exact(shape):
     T, P, r, _, seed = shape
     X = _data(T, P, r, seed)
-    p = min(r, T - 1)
-    basis = solve(Moments.of(X), p)
-    torch.testing.assert_close(reconstruct(basis.mean, basis.vectors, coefficients(basis.mean, basis.vectors, X)), X, rtol=1e-9, atol=1e-10)
+    _, fit = _fit(X, min(r, T - 1))
+    torch.testing.assert_close(fit, X, rtol=1e-9, atol=1e-10)
 
 
 @settings(max_examples=40, deadline=None)
