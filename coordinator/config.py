@@ -69,7 +69,8 @@ class FederationConfig(_Strict):
         return self
 
     def merge_options(self) -> MergeOptions:
-        return MergeOptions(basis_size=self.basis_size, storage_ratio=self.storage_ratio, canonicalize=self.canonicalize)
+        # A federation solves per-position bases from the sites' moments or sketches: method rmm-paper.
+        return MergeOptions(method="rmm-paper", basis_size=self.basis_size, storage_ratio=self.storage_ratio, canonicalize=self.canonicalize)
 
 
 class TLSConfig(_Strict):

@@ -1,10 +1,17 @@
 """The basis bundle on disk: what it holds, and the typed manifest that describes it.
 
     BUNDLE/
-      manifest.json                  tasks, modules, p, options, input hashes, report
-      basis.safetensors              "<module>.B.mean" (out, r), "<module>.B.basis" (out, r, p), same for A (in, ...)
-      coefficients/<task>.safetensors  "<module>.B" (out, p), "<module>.A" (in, p)
+      manifest.json                  tasks, modules (how each is stored), options, input hashes, report
+      basis.safetensors              what the tasks share, per module
+      coefficients/<task>.safetensors  what each task keeps on its own, per module
       extras/<task>.safetensors      the task's non-LoRA tensors (modules_to_save), untouched
+
+A module is stored one of three ways (`ModuleEntry.method`):
+  shared    per-position basis (the paper's RMM): basis "<module>.B.mean" (out, r), "<module>.B.basis"
+            (out, r, p), same for A (in, ...); coefficients "<module>.B" (out, p), "<module>.A" (in, p)
+  truncate  no sharing: coefficients "<module>.B" (out, k_t), "<module>.A" (in, k_t), k_t = ranks[t]
+  joint     basis "<module>.U" (out, Ku), "<module>.V" (in, Kv); coefficients "<module>.M" (Ku, Kv);
+            dW_t = U M_t V^T
 
 Reverting one task reads the basis (one module at a time) and that task's two small files only.
 """
@@ -38,14 +45,25 @@ class _Strict(BaseModel):
 
 
 class MergeOptions(_Strict):
-    """How to merge. Give a basis size or a storage ratio; the default is half the storage."""
+    """How to merge. The default: method "auto" at half the storage.
 
+    "auto" spends the storage budget per module on per-task rank truncation or joint sharing
+    (`rmm.allocate`); "rmm-paper" is the paper's per-position basis, sized by basis_size or
+    storage_ratio, optionally on canonicalised factors. A basis size or canonicalize implies it.
+    """
+
+    method: Literal["auto", "rmm-paper"] | None = None
     basis_size: int | None = None
     storage_ratio: float | None = None
     canonicalize: bool = False
 
     @model_validator(mode="after")
     def _one_budget(self) -> "MergeOptions":
+        paper_only = self.basis_size is not None or self.canonicalize
+        if self.method is None:
+            self.method = "rmm-paper" if paper_only else "auto"
+        if self.method == "auto" and paper_only:
+            raise ValueError("basis_size and canonicalize apply to method rmm-paper; method auto takes a storage_ratio")
         if self.basis_size is not None and self.storage_ratio is not None:
             raise ValueError("give either basis_size or storage_ratio, not both")
         if self.basis_size is None and self.storage_ratio is None:
@@ -71,7 +89,10 @@ class ModuleEntry(_Strict):
     out_features: int
     in_features: int
     rank: int  # largest rank over tasks; lower ranks are zero-padded after folding scaling
-    p: int  # basis size used for this module
+    p: int  # basis size of a "shared" module (0 otherwise)
+    method: Literal["shared", "truncate", "joint"] = "shared"
+    ranks: list[int] | None = None  # "truncate": the rank each task keeps, in task order
+    size: tuple[int, int] | None = None  # "joint": (Ku, Kv) shared directions on the out and in sides
 
 
 class Storage(_Strict):
@@ -87,6 +108,7 @@ class Report(_Strict):
     # task -> module -> ||dW - dW_reverted||_F / ||dW||_F, from what was stored
     errors: dict[str, dict[str, float]]
     # module -> factor ("B"/"A") -> share of the tasks' spread around the mean the basis keeps
+    # ("shared" modules); module -> {"dW": share of the tasks' summed ||dW||^2 kept} otherwise
     energy: dict[str, dict[str, float]]
     seconds: dict[str, float]
 

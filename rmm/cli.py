@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("merge", help="merge PEFT LoRA adapters into a basis bundle")
     p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT LoRA directories; task name = directory name")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE")
+    p.add_argument("--method", choices=["auto", "rmm-paper"], help="auto (default): per module, per-task rank truncation or joint "
+                   "sharing under one storage budget; rmm-paper: the paper's per-position basis (implied by --basis-size / --canonicalize)")
     add_budget_args(p)
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -82,14 +84,15 @@ def _parser() -> argparse.ArgumentParser:
 def add_budget_args(p: argparse.ArgumentParser) -> None:
     """--basis-size / --storage-ratio / --canonicalize, shared by every verb that builds a basis."""
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position")
-    budget.add_argument("--storage-ratio", type=float, metavar="R", help="largest p whose storage fits R x the originals (default 0.5)")
+    budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position (rmm-paper)")
+    budget.add_argument("--storage-ratio", type=float, metavar="R", help="store at most R x the numbers of the original LoRAs (default 0.5)")
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
-def merge_options(args) -> MergeOptions:
+def merge_options(args, method: str | None = None) -> MergeOptions:
+    """The options of the command line; `method` when the verb has no --method of its own."""
     try:
-        return MergeOptions(basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
+        return MergeOptions(method=getattr(args, "method", method), basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
     except ValidationError as e:
         raise RMMError(f"invalid options: {e.errors()[0]['msg']}") from None
 
@@ -127,11 +130,12 @@ def _inspect(args) -> int:
         tasks.add_row(name, f"{row['mean_error']:.2e}", f"{row['max_error']:.2e}", module_name(row["worst_module"]))
     console.print(tasks)
     modules = Table(title="per module")
-    for col in ("module", "shape", "rank", "p", "energy B", "energy A", "max error"):
+    for col in ("module", "shape", "rank", "stored as", "energy kept", "max error"):
         modules.add_column(col)
     for name, row in summary["modules"].items():
+        energy = " ".join(f"{k} {v:.4f}" for k, v in row["energy"].items())
         modules.add_row(
-            module_name(name), row["shape"], str(row["rank"]), str(row["p"]), f"{row['energy_B']:.4f}", f"{row['energy_A']:.4f}", "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
+            module_name(name), row["shape"], str(row["rank"]), row["stored"], energy, "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
         )
     console.print(modules)
     return 0
@@ -187,7 +191,9 @@ def _print_summary(summary: dict) -> None:
         else "not measured here (only the sites that hold the original adapters can)"
     )
     console.print(
-        f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, p = {summary['p']}\n"
+        f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, method {summary['options']['method']}: "
+        + ", ".join(f"{n} {kind}" for kind, n in summary["allocation"].items() if n)
+        + (f" (p = {summary['p']})" if summary["allocation"]["shared"] else "") + "\n"
         f"storage: {s['ratio_counted']:.4f} of the originals (formula {s['ratio_formula']:.4f}; "
         f"{s['bytes_on_disk']:,} bytes on disk, {s['ratio_bytes_on_disk']:.4f} of {s['bytes_original']:,}; {s['dtype']})\n"
         f"relative dW error: {measured}",

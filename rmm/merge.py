@@ -33,10 +33,11 @@ from rmm.bundle import (
     extras_file,
     read_manifest,
 )
+from rmm.allocate import Curves, allocate, curves, joint_bases
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, sha256_file
-from rmm.metrics import relative_error
+from rmm.metrics import frobenius_inner, relative_error
 from rmm.solver import Moments, coefficients, energy_kept, reconstruct, solve, storage_numbers
 
 
@@ -61,11 +62,15 @@ def merge(
     clock = time.perf_counter()
     adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)
-    if basis is None:
-        modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
-    else:
+    if basis is not None:
+        if options.method != "rmm-paper":
+            raise RMMError("a given basis is a per-position one: merge against it with method rmm-paper", file=basis)
         basis = Path(basis)
         modules = modules_of_basis(basis, specs)
+    elif options.method == "auto":
+        modules = allocate_modules(adapters, specs, options.storage_ratio * numbers_original(adapters), progress)
+    else:
+        modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
     dtype = storage_dtype(adapters)
     seconds = {"open": time.perf_counter() - clock}
 
@@ -77,18 +82,17 @@ def merge(
         # soon as they are solved: memory holds one module of all T adapters, not the whole bundle.
         (tmp / "coefficients").mkdir()
         basis_out = StreamingWriter(tmp / BASIS_FILE, basis_specs(modules, dtype), {"format": "pt"})
-        coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), _coef_specs(modules, dtype), {"format": "pt"}) for a in adapters}
+        coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), coef_specs(modules, dtype, t), {"format": "pt"}) for t, a in enumerate(adapters)}
         solved = _in_order(partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis), modules)
-        for mod, (parts, err) in track(zip(modules, solved), total=len(modules), description="merging modules", disable=not progress, transient=True):
-            energy[mod.name] = {}
-            for factor, (mean, vectors, C, captured) in parts.items():
-                basis_out.write(f"{mod.name}.{factor}.mean", mean)
-                basis_out.write(f"{mod.name}.{factor}.basis", vectors)
-                for t, a in enumerate(adapters):
-                    coef_out[a.name].write(f"{mod.name}.{factor}", C[t])
-                energy[mod.name][factor] = captured
+        for mod, (shared, own, captured, err) in track(zip(modules, solved), total=len(modules), description="merging modules", disable=not progress, transient=True):
+            for key, tensor in shared.items():
+                basis_out.write(f"{mod.name}.{key}", tensor)
             for t, a in enumerate(adapters):
-                errors[a.name][mod.name] = err[t].item()
+                for key, tensor in own[t].items():
+                    coef_out[a.name].write(f"{mod.name}.{key}", tensor)
+            energy[mod.name] = captured
+            for t, a in enumerate(adapters):
+                errors[a.name][mod.name] = err[t]
         for writer in (basis_out, *coef_out.values()):
             writer.close()
         seconds["solve"] = time.perf_counter() - clock
@@ -138,15 +142,13 @@ def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, 
             coefs = read_all(coef_path)
             factors = {}
             for mod in manifest.modules:
-                X = {}
-                for f in FACTORS:
-                    key = f"{mod.name}.{f}"
-                    if key not in coefs:
-                        raise RMMError(f"coefficients {key!r} missing", file=coef_path, module=mod.name)
-                    mean = read_tensor(fb, basis_path, f"{key}.mean").double()
-                    vectors = read_tensor(fb, basis_path, f"{key}.basis").double()
-                    X[f] = reconstruct(mean, vectors, coefs[key].double())
-                factors[mod.name] = (X["B"], X["A"].mT)
+                shared = {k: read_tensor(fb, basis_path, f"{mod.name}.{k}") for k in SHARED_KEYS[mod.method]}
+                own = {}
+                for k in OWN_KEYS[mod.method]:
+                    if f"{mod.name}.{k}" not in coefs:
+                        raise RMMError(f"coefficients {mod.name}.{k!r} missing", file=coef_path, module=mod.name)
+                    own[k] = coefs[f"{mod.name}.{k}"]
+                factors[mod.name] = module_factors(mod, shared, own)
             extras = read_all(extras_file(bundle, entry.name)) if entry.extras else {}
             write_adapter(out / entry.name, entry.config, factors, extras, getattr(torch, entry.dtype))
             written[entry.name] = out / entry.name
@@ -202,28 +204,79 @@ def modules_of_basis(basis: Path, specs: list[ModuleEntry]) -> list[ModuleEntry]
     return planned
 
 
-def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype, basis: Path | None):
-    """One module: per factor (mean, basis, coefficients, energy kept) as stored, and each task's dW error.
+# What each storage method keeps per module: shared by all tasks (basis file) and per task (coefficients).
+SHARED_KEYS = {"shared": ("B.mean", "B.basis", "A.mean", "A.basis"), "truncate": (), "joint": ("U", "V")}
+OWN_KEYS = {"shared": ("B", "A"), "truncate": ("B", "A"), "joint": ("M",)}
 
-    Coefficients are fitted to the basis as stored (after the cast to `dtype`), so a bundle solved
-    here and one whose basis came from a coordinator agree to the last bit for the same basis.
+
+def module_factors(mod: ModuleEntry, shared: dict, own: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task's folded factors (B, A) of one module, float64, from what the bundle stores for it.
+
+    `shared` holds the module's basis tensors and `own` the task's, by the keys of SHARED_KEYS and
+    OWN_KEYS without the module prefix.
     """
-    B, A = stack_factors(adapters, mod, canonical)
-    parts, reverted = {}, {}
-    for factor, X in zip(FACTORS, (B, A.mT)):
-        if basis is None:
-            solution = solve(Moments.of(X), mod.p)
-            mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
-        else:
-            with open_safetensors(basis) as f:
-                mean = read_tensor(f, basis, f"{mod.name}.{factor}.mean").to(dtype)
-                vectors = read_tensor(f, basis, f"{mod.name}.{factor}.basis").to(dtype)
-        C = coefficients(mean.double(), vectors.double(), X)
-        fit = reconstruct(mean.double(), vectors.double(), C)
-        parts[factor] = (mean, vectors, C.to(dtype), energy_kept(X, mean.double(), fit))
-        # Report errors of what is stored (after the cast), not of the float64 solution.
-        reverted[factor] = reconstruct(mean.double(), vectors.double(), C.to(dtype).double())
-    return parts, relative_error(B, A, reverted["B"], reverted["A"].mT)
+    x = {k: v.double() for k, v in (shared | own).items()}
+    if mod.method == "shared":
+        B, A = (reconstruct(x[f"{f}.mean"], x[f"{f}.basis"], x[f]) for f in FACTORS)
+        return B, A.mT
+    if mod.method == "truncate":
+        return x["B"], x["A"].mT
+    return x["U"] @ x["M"], x["V"].mT
+
+
+def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype, basis: Path | None):
+    """One module: (basis tensors, each task's tensors, energy kept, each task's dW error), as stored.
+
+    Everything is cast to `dtype` before errors are measured, so the report describes what revert
+    rebuilds. Coefficients are fitted to the basis as stored, so a bundle solved here and one whose
+    basis came from a coordinator agree to the last bit for the same basis.
+    """
+    B, A = stack_factors(adapters, mod, canonical or mod.method != "shared")
+    T = len(adapters)
+    if mod.method == "truncate":
+        shared = {}
+        own = [{"B": B[t][:, :k].to(dtype), "A": A[t][:k].mT.to(dtype)} for t, k in enumerate(mod.ranks)]
+    elif mod.method == "joint":
+        U, V = joint_bases(B, A)
+        U, V = U[:, : mod.size[0]], V[:, : mod.size[1]]
+        shared = {"U": U.to(dtype), "V": V.to(dtype)}
+        M = (U.mT @ B) @ (A @ V)
+        own = [{"M": M[t].to(dtype)} for t in range(T)]
+    else:
+        shared, Cs, captured = {}, {}, {}
+        for factor, X in zip(FACTORS, (B, A.mT)):
+            if basis is None:
+                solution = solve(Moments.of(X), mod.p)
+                mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
+            else:
+                with open_safetensors(basis) as f:
+                    mean = read_tensor(f, basis, f"{mod.name}.{factor}.mean").to(dtype)
+                    vectors = read_tensor(f, basis, f"{mod.name}.{factor}.basis").to(dtype)
+            C = coefficients(mean.double(), vectors.double(), X)
+            captured[factor] = energy_kept(X, mean.double(), reconstruct(mean.double(), vectors.double(), C))
+            shared |= {f"{factor}.mean": mean, f"{factor}.basis": vectors}
+            Cs[factor] = C.to(dtype)
+        own = [{f: Cs[f][t] for f in FACTORS} for t in range(T)]
+    reverted = [module_factors(mod, shared, own[t]) for t in range(T)]
+    errors = [relative_error(B[t], A[t], *reverted[t]).item() for t in range(T)]
+    if mod.method != "shared":
+        total = float(sum(frobenius_inner(B[t], A[t], B[t], A[t]) for t in range(T)))
+        kept = float(sum(frobenius_inner(*reverted[t], *reverted[t]) for t in range(T)))
+        captured = {"dW": 1.0 if total <= 0 else min(1.0, kept / total)}
+    return shared, own, captured, errors
+
+
+def allocate_modules(adapters: list[LoraAdapter], specs: list[ModuleEntry], budget: float, progress: bool) -> list[ModuleEntry]:
+    """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers."""
+    def curves_of(mod: ModuleEntry) -> Curves:
+        return curves(*stack_factors(adapters, mod, canonical=True), [a.modules[mod.name].rank for a in adapters])
+
+    found = list(track(_in_order(curves_of, specs), total=len(specs), description="sizing modules", disable=not progress, transient=True))
+    plan = allocate(found, budget)
+    return [
+        m.model_copy(update={"method": c.kind, "ranks": c.ranks} if c.kind == "truncate" else {"method": c.kind, "size": c.size})
+        for m, c in zip(specs, plan)
+    ]
 
 
 def _in_order(solve_one, modules: list[ModuleEntry]):
@@ -255,16 +308,27 @@ def stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool
 
 
 def basis_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
-    return {
-        f"{m.name}.{f}.{part}": (dtype, (n, m.rank) if part == "mean" else (n, m.rank, m.p))
-        for m in modules
-        for f, n in zip(FACTORS, (m.out_features, m.in_features))
-        for part in ("mean", "basis")
-    }
+    """Name -> (dtype, shape) of every tensor of the basis file."""
+    specs = {}
+    for m in modules:
+        if m.method == "shared":
+            for f, n in zip(FACTORS, (m.out_features, m.in_features)):
+                specs |= {f"{m.name}.{f}.mean": (dtype, (n, m.rank)), f"{m.name}.{f}.basis": (dtype, (n, m.rank, m.p))}
+        elif m.method == "joint":
+            specs |= {f"{m.name}.U": (dtype, (m.out_features, m.size[0])), f"{m.name}.V": (dtype, (m.in_features, m.size[1]))}
+    return specs
 
 
-def _coef_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
-    return {f"{m.name}.{f}": (dtype, (n, m.p)) for m in modules for f, n in zip(FACTORS, (m.out_features, m.in_features))}
+def coef_specs(modules: list[ModuleEntry], dtype: torch.dtype, task: int) -> dict:
+    """Name -> (dtype, shape) of every tensor of task number `task`'s coefficients file."""
+    specs = {}
+    for m in modules:
+        if m.method == "joint":
+            specs[f"{m.name}.M"] = (dtype, tuple(m.size))
+        else:
+            k = m.p if m.method == "shared" else m.ranks[task]
+            specs |= {f"{m.name}.{f}": (dtype, (n, k)) for f, n in zip(FACTORS, (m.out_features, m.in_features))}
+    return specs
 
 
 def numbers_original(adapters: list[LoraAdapter]) -> int:

@@ -4,24 +4,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmm.bundle import BASIS_FILE, coefficients_file, read_manifest
+from rmm.bundle import BASIS_FILE, ModuleEntry, coefficients_file, read_manifest
 from rmm.solver import storage_numbers
 
 
+def stored_numbers(mod: ModuleEntry, tasks: int) -> int:
+    """What a module of the bundle stores, by formula (`inspect` sets it beside the count on disk)."""
+    if mod.method == "shared":
+        return sum(storage_numbers(n, mod.rank, tasks, mod.p) for n in (mod.out_features, mod.in_features))
+    if mod.method == "truncate":
+        return sum(mod.ranks) * (mod.out_features + mod.in_features)
+    ku, kv = mod.size
+    return ku * mod.out_features + kv * mod.in_features + tasks * ku * kv
+
+
+def allocation(mod: ModuleEntry) -> str:
+    """How a module is stored, in a few characters: "p=2", "truncate 3-5", "joint 8x8"."""
+    if mod.method == "shared":
+        return f"p={mod.p}"
+    if mod.method == "truncate":
+        lo, hi = min(mod.ranks), max(mod.ranks)
+        return f"truncate {lo}" if lo == hi else f"truncate {lo}-{hi}"
+    return f"joint {mod.size[0]}x{mod.size[1]}"
+
+
 def inspect_bundle(bundle: Path) -> dict:
-    """Everything `rmm inspect` shows, as plain data: storage by formula and on disk, errors, energy."""
+    """Everything `rmm inspect` shows, as plain data: storage by formula and on disk, allocation, errors, energy."""
     m = read_manifest(bundle)
     T = len(m.tasks)
-    formula = sum(storage_numbers(n, mod.rank, T, mod.p) for mod in m.modules for n in (mod.out_features, mod.in_features))
+    formula = sum(stored_numbers(mod, T) for mod in m.modules)
     files = [bundle / BASIS_FILE] + [coefficients_file(bundle, t.name) for t in m.tasks]
     s = m.report.storage
-    ps = sorted({mod.p for mod in m.modules})
+    ps = sorted({mod.p for mod in m.modules if mod.method == "shared"})
     return {
         "bundle": str(bundle),
         "tool_version": m.tool_version,
         "tasks_count": T,
         "modules_count": len(m.modules),
         "p": ps[0] if len(ps) == 1 else ps,
+        "allocation": {method: sum(mod.method == method for mod in m.modules) for method in ("shared", "truncate", "joint")},
         "options": m.options.model_dump(),
         "storage": {
             "ratio_formula": formula / s.numbers_original,
@@ -42,8 +63,12 @@ def inspect_bundle(bundle: Path) -> dict:
                 "shape": f"{mod.out_features}x{mod.in_features}",
                 "rank": mod.rank,
                 "p": mod.p,
-                "energy_B": m.report.energy[mod.name]["B"],
-                "energy_A": m.report.energy[mod.name]["A"],
+                "method": mod.method,
+                "stored": allocation(mod),
+                "ranks": mod.ranks,
+                "size": mod.size,
+                # "shared": share of the spread around the mean kept per factor; else share of sum ||dW||^2
+                "energy": m.report.energy[mod.name],
                 "max_error": max((e[mod.name] for e in m.report.errors.values() if mod.name in e), default=None),
             }
             for mod in m.modules

@@ -11,6 +11,7 @@ from peft.utils.merge_utils import ties
 from conftest import load_base, make_adapter
 from rmm.adapter import delta_weight, open_adapter
 from rmm.baselines import METHODS, SINGLE_DIR, run
+from rmm.bundle import read_manifest
 from rmm.errors import RMMError
 
 torch.set_num_threads(1)
@@ -247,10 +248,11 @@ def test_joint_subspace_is_exact_at_full_rank_and_counts_its_storage(adapters, l
 
 
 def _squared_errors(out, adapters):
+    """What the allocator minimises: sum over tasks and modules of (out + in) x relative squared dW error."""
     total = 0.0
     for a in adapters:
         got, want = deltas(out / a.name), deltas(a)
-        total += sum(rel(got[m], want[m]) ** 2 for m in want)
+        total += sum(sum(want[m].shape) * rel(got[m], want[m]) ** 2 for m in want)
     return total
 
 
@@ -265,5 +267,5 @@ def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_or_joint(l
         for other in ("truncate", "joint"):
             summary = run(other, shared, tmp_path / f"{other}{ratio}", storage_ratio=ratio)
             assert summary["storage_ratio"] <= ratio + 1e-9
-            assert mine <= _squared_errors(tmp_path / f"{other}{ratio}", shared) + 1e-9, (other, ratio)
-        assert {p["choice"] for p in auto["plan"]} <= {"truncate", "joint"}
+            assert mine <= _squared_errors(tmp_path / f"{other}{ratio}", shared) * (1 + 1e-6), (other, ratio)  # float32 storage
+        assert {m.method for m in read_manifest(tmp_path / f"auto{ratio}" / "bundle").modules} <= {"truncate", "joint"}

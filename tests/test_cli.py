@@ -17,7 +17,7 @@ def test_every_verb_has_help(verb, capsys):
 
 def test_merge_inspect_revert(adapters, tmp_path, capsys):
     bundle = tmp_path / "bundle"
-    assert main(["merge", *map(str, adapters), "--out", str(bundle), "--storage-ratio", "0.7", "--json"]) == 0
+    assert main(["merge", *map(str, adapters), "--out", str(bundle), "--method", "rmm-paper", "--storage-ratio", "0.7", "--json"]) == 0
     merged = json.loads(capsys.readouterr().out)
     assert merged["tasks_count"] == 5 and merged["p"] == 1  # r=4, T=5: p=1 gives 0.65, p=2 1.1
     assert merged["storage"]["ratio_counted"] == pytest.approx(0.65) == merged["storage"]["ratio_formula"]
@@ -26,7 +26,7 @@ def test_merge_inspect_revert(adapters, tmp_path, capsys):
     inspected = json.loads(capsys.readouterr().out)
     assert inspected["tasks"] == merged["tasks"]
     assert set(inspected["tasks"]["task0"]) == {"mean_error", "max_error", "worst_module"}
-    assert all(0 < m["energy_B"] < 1 and 0 < m["energy_A"] < 1 for m in inspected["modules"].values())
+    assert all(0 < m["energy"]["B"] < 1 and 0 < m["energy"]["A"] < 1 and m["stored"] == "p=1" for m in inspected["modules"].values())
 
     assert main(["inspect", str(bundle)]) == 0
     shown = capsys.readouterr().err

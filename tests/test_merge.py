@@ -13,6 +13,7 @@ from rmm.bundle import BASIS_FILE, MergeOptions, coefficients_file, read_manifes
 from rmm.io import open_safetensors
 from rmm.merge import merge, revert
 from rmm.solver import reconstruct, storage_ratio
+from rmm.summary import inspect_bundle
 
 
 def peft_deltas(base, adapter_dir) -> dict[str, torch.Tensor]:
@@ -148,7 +149,7 @@ def test_modules_to_save_are_carried_through_untouched(llama_base, tmp_path):
 
 
 def test_storage_ratio_agrees_with_bytes_on_disk(adapters, tmp_path):
-    manifest = merge(adapters, tmp_path / "bundle", MergeOptions(storage_ratio=0.9), progress=False)
+    manifest = merge(adapters, tmp_path / "bundle", MergeOptions(method="rmm-paper", storage_ratio=0.9), progress=False)
     r, T = 4, len(adapters)
     (p,) = {m.p for m in manifest.modules}
     assert storage_ratio(r, T, p) <= 0.9 < storage_ratio(r, T, p + 1)
@@ -198,3 +199,58 @@ def test_bundle_from_a_given_basis_matches_the_full_merge(adapters, tmp_path):
             for key in f.keys():
                 assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
         assert part.report.errors[a.name] == full.report.errors[a.name]
+
+
+# --- method "auto" (the default): per module, per-task truncation or joint sharing -------------------
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.8])
+def test_auto_reverts_what_it_reports_within_the_budget_it_counts(llama_base, tmp_path, ratio):
+    """Mixed ranks and scaling rules, some tasks sharing structure: what is stored fits the budget (counted
+    in the files, equal to the formula), and every reverted dW has exactly the error the report states."""
+    rules = [dict(r=2, lora_alpha=16), dict(r=8, lora_alpha=8), dict(r=4, lora_alpha=4, use_rslora=True), dict(r=4), dict(r=4)]
+    paths = [make_adapter(llama_base, tmp_path / f"h{i}", seed=i, shared=0.7 if i > 2 else 0.0, **rule) for i, rule in enumerate(rules)]
+    manifest = merge(paths, tmp_path / "bundle", MergeOptions(storage_ratio=ratio), progress=False)
+    assert manifest.options.method == "auto" and {m.method for m in manifest.modules} <= {"truncate", "joint"}
+    storage = manifest.report.storage
+    assert storage.ratio <= ratio
+    summary = inspect_bundle(tmp_path / "bundle")
+    assert summary["storage"]["ratio_formula"] == pytest.approx(storage.ratio)
+    with open_safetensors(tmp_path / "bundle" / BASIS_FILE) as f:
+        counted = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    for p in paths:
+        with open_safetensors(coefficients_file(tmp_path / "bundle", p.name)) as f:
+            counted += sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    assert counted == storage.numbers_stored
+    revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
+    for p in paths:
+        want, got = peft_deltas(llama_base, p), peft_deltas(llama_base, tmp_path / "rev" / p.name)
+        for name in want:
+            assert rel(got[name], want[name]) == pytest.approx(manifest.report.errors[p.name][name], rel=1e-4, abs=1e-6), (p.name, name)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_auto_at_full_storage_reverts_exactly_and_is_the_default(adapters, llama_base, tmp_path):
+    assert MergeOptions().method == "auto" and MergeOptions().storage_ratio == 0.5
+    manifest = merge(adapters, tmp_path / "bundle", MergeOptions(storage_ratio=1.0), progress=False)
+    assert manifest.report.storage.ratio <= 1.0
+    revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
+    for a in adapters:
+        assert max(manifest.report.errors[a.name].values()) < 1e-5
+    torch.testing.assert_close(logits(llama_base, tmp_path / "rev" / "task1", TOKENS), logits(llama_base, adapters[1], TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_shares_what_tasks_share_and_truncates_what_they_do_not(llama_base, tmp_path):
+    """Eight tasks built on one common update share it jointly; four unrelated tasks are truncated."""
+    alike = [make_adapter(llama_base, tmp_path / "alike" / f"s{i}", seed=60 + i, shared=0.95) for i in range(8)]
+    apart = [make_adapter(llama_base, tmp_path / "apart" / f"u{i}", seed=80 + i) for i in range(4)]
+    shared = merge(alike, tmp_path / "b1", MergeOptions(storage_ratio=0.3), progress=False)
+    assert {m.method for m in shared.modules} == {"joint"}
+    alone = merge(apart, tmp_path / "b2", MergeOptions(storage_ratio=0.3), progress=False)
+    assert {m.method for m in alone.modules} == {"truncate"}

@@ -102,7 +102,7 @@ def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads,
         assert all(t.source == "site a" for t in manifest.tasks)  # no site-local paths reached the coordinator
         summary = inspect_bundle(result)  # what `rmm inspect` shows: no errors (only sites can measure them)
         assert summary["tasks_count"] == 2 and summary["tasks"] == {}
-        assert all(m["max_error"] is None and 0 <= m["energy_B"] <= 1 for m in summary["modules"].values())
+        assert all(m["max_error"] is None and 0 <= m["energy"]["B"] <= 1 for m in summary["modules"].values())
     finally:
         for c in clients.values():
             c.close()

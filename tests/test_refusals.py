@@ -131,7 +131,9 @@ def test_existing_output_is_kept_unless_forced(adapters, tmp_path):
 
 
 def test_bad_options_are_refused(adapters, tmp_path, capsys):
-    assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--storage-ratio", "0.01"]) == 2
+    assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--method", "rmm-paper", "--storage-ratio", "0.01"]) == 2
     assert "below the minimum" in capsys.readouterr().err
+    assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--method", "auto", "--basis-size", "2"]) == 2
+    assert "apply to method rmm-paper" in capsys.readouterr().err
     assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--basis-size", "-1"]) == 2
     assert not (tmp_path / "b").exists()

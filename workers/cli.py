@@ -90,7 +90,7 @@ def _simulate(args) -> int:
     if args.upload == "factors" and not args.allow_factors:
         raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
     report = simulate(
-        args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
+        args.adapters, args.sites, args.out, merge_options(args, method="rmm-paper"), upload=args.upload, sketch_rank=args.sketch_rank,
         force=args.force, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
     )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -23,6 +23,7 @@ from coordinator.config import CoordinatorConfig, FederationConfig, Site, TLSCon
 from coordinator.server import Coordinator
 from rmm.adapter import open_adapters
 from rmm.bundle import MergeOptions
+from rmm.errors import RMMError
 from rmm.io import check_output
 from rmm.merge import module_specs
 from workers.client import Credentials, FederationClient
@@ -99,7 +100,9 @@ def simulate(
     new or empty unless `force` replaces it. With `publish_coefficients` every site publishes its
     tasks' coefficients, so `out/coordinator/<federation>/result/` is a bundle of all of them.
     """
-    options = options or MergeOptions()
+    options = options or MergeOptions(method="rmm-paper")
+    if options.method != "rmm-paper":
+        raise RMMError(f"a federation builds the paper's per-position basis (method rmm-paper), not {options.method!r}")
     out = Path(out)
     check_output(out, force)
     shutil.rmtree(out, ignore_errors=True)

@@ -150,7 +150,7 @@ def run_site(
         if status.state != "DONE":
             raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
         on_stage(site_id, "revert")
-        options = {"basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
+        options = {"method": "rmm-paper", "basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
         finished = ray.get([h.finish.remote(options, str(out)) for h in handles])
         published = 0
         if publish_coefficients:
