@@ -55,33 +55,78 @@ class Choice:
     errors: list[float]  # relative squared dW error per task, as planned
 
 
-def joint_bases(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared bases of canonical factors (T, out, r), (T, r, in): U (out, Ku), V (in, Kv), best first.
+def grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin square roots of sum_t dW_t dW_t^T and sum_t dW_t^T dW_t from canonical factors (T, out, r),
+    (T, r, in): W_out (out, q) and W_in (in, q) with W W^T equal to those sums; q <= T r.
 
-    The columns of [U_1 S_1, .., U_T S_T] span the tasks' column spaces weighted by their singular
-    values (their Gram is sum_t dW_t dW_t^T); its top left singular vectors are the best shared U.
-    Nothing out x in is formed.
+    Roots of groups of tasks set side by side are a root of the whole set's sums: a federation's
+    sites send theirs. Nothing out x in is formed.
     """
-    root = (B * B).sum(-2).sqrt().unsqueeze(-2)  # sqrt(S) per canonical direction
-    U = torch.linalg.svd(torch.cat(list(B * root), dim=1), full_matrices=False)[0]
-    V = torch.linalg.svd(torch.cat(list(A * root.mT), dim=0), full_matrices=False)[2].mT
-    return U, V
+    root = singular_values(B).sqrt().unsqueeze(-2)  # B root = U_t S_t
+    cols = torch.cat(list(B * root), dim=1)  # (out, T r)
+    rows = torch.cat(list(A * root.mT), dim=0).mT  # (in, T r)
+    return _thin(cols), _thin(rows)
+
+
+def _thin(X: torch.Tensor) -> torch.Tensor:
+    """U S of X's thin SVD: the same X X^T in at most min(X.shape) columns."""
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return U * S
+
+
+def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared bases U (out, Ku) and V (in, Kv), best first, at most `cap` columns, from Gram roots of
+    groups of tasks (`grams`): the top left singular vectors of the roots side by side, each column
+    signed so that its largest entry is positive. Ku = min(cap, out, T r) however the tasks are grouped."""
+    bases = []
+    for roots in (out_roots, in_roots):
+        U = torch.linalg.svd(torch.cat(roots, dim=1), full_matrices=False)[0][:, :cap]
+        sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+        bases.append(U * torch.where(sign == 0, torch.ones_like(sign), sign))
+    return bases[0], bases[1]
+
+
+def joint_cap(n_out: int, n_in: int, ranks: list[int]) -> int:
+    """The largest K worth sharing: beyond it a joint module stores more than every task kept whole."""
+    T, whole = len(ranks), sum(ranks) * (n_out + n_in)
+
+    def cost(k: int) -> int:
+        ku, kv = min(k, n_out), min(k, n_in)
+        return ku * n_out + kv * n_in + T * ku * kv
+
+    K = 0
+    while K < max(n_out, n_in) and cost(K + 1) <= whole:
+        K += 1
+    return K
+
+
+def singular_values(B: torch.Tensor) -> torch.Tensor:
+    """(T, r): the singular values of each dW_t, from its canonical B = U sqrt(S)."""
+    return (B * B).sum(-2)
+
+
+def truncation_errors(S: torch.Tensor) -> torch.Tensor:
+    """(T, r + 1): each task's relative squared dW error when it keeps its top k directions, k = 0..r."""
+    energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)  # ||dW_t||^2
+    tail = (S * S).flip(-1).cumsum(-1).flip(-1)  # tail[:, k] = energy beyond the top k
+    return torch.cat([tail, torch.zeros(S.shape[0], 1, dtype=S.dtype)], dim=1) / energy[:, None]
+
+
+def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """(T, K + 1): each task's relative squared dW error when sharing the top K of U and V, K = 0..max."""
+    S = singular_values(B)
+    energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)
+    M = (U.mT @ B) @ (A @ V)  # (T, Ku, Kv); a smaller K keeps its top-left block
+    kept = [(M[:, : min(k, U.shape[1]), : min(k, V.shape[1])] ** 2).sum((-2, -1)) for k in range(max(U.shape[1], V.shape[1]) + 1)]
+    return (1 - torch.stack(kept, dim=1) / energy[:, None]).clamp_min(0)
 
 
 def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
-    """The error curves of one module from all tasks' canonical factors (T, out, r), (T, r, in) and
-    their own ranks."""
-    T = B.shape[0]
-    S = (B * B).sum(-2)  # (T, r): singular values of dW_t, descending
-    energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)  # ||dW_t||^2
-    tail = (S * S).flip(-1).cumsum(-1).flip(-1)  # tail[:, k] = energy beyond the top k
-    trunc = torch.cat([tail, torch.zeros(T, 1, dtype=S.dtype)], dim=1) / energy[:, None]
-    U, V = joint_bases(B, A)
-    M = (U.mT @ B) @ (A @ V)  # (T, Ku, Kv); a smaller K keeps its top-left block
-    k_max = max(U.shape[1], V.shape[1])
-    kept = [(M[:, : min(k, U.shape[1]), : min(k, V.shape[1])] ** 2).sum((-2, -1)) for k in range(k_max + 1)]
-    joint = (1 - torch.stack(kept, dim=1) / energy[:, None]).clamp_min(0)
-    return Curves(B.shape[1], A.shape[2], tuple(ranks), trunc, joint, (U.shape[1], V.shape[1]))
+    """One module's error curves from all tasks' canonical factors (T, out, r), (T, r, in) and their
+    own ranks, centrally. A federation computes the same from its sites' uploads (`rmm.payload`)."""
+    W_out, W_in = grams(B, A)
+    U, V = joint_bases([W_out], [W_in], joint_cap(B.shape[1], A.shape[2], ranks))
+    return Curves(B.shape[1], A.shape[2], tuple(ranks), truncation_errors(singular_values(B)), joint_errors(B, A, U, V), (U.shape[1], V.shape[1]))
 
 
 def allocate(modules: list[Curves], budget: float) -> list[Choice]:

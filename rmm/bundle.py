@@ -9,7 +9,7 @@
 A module is stored one of three ways (`ModuleEntry.method`):
   shared    per-position basis (the paper's RMM): basis "<module>.B.mean" (out, r), "<module>.B.basis"
             (out, r, p), same for A (in, ...); coefficients "<module>.B" (out, p), "<module>.A" (in, p)
-  truncate  no sharing: coefficients "<module>.B" (out, k_t), "<module>.A" (in, k_t), k_t = ranks[t]
+  truncate  no sharing: coefficients "<module>.B" (out, k_t), "<module>.A" (in, k_t), k_t = ranks[task]
   joint     basis "<module>.U" (out, Ku), "<module>.V" (in, Kv); coefficients "<module>.M" (Ku, Kv);
             dW_t = U M_t V^T
 
@@ -91,7 +91,7 @@ class ModuleEntry(_Strict):
     rank: int  # largest rank over tasks; lower ranks are zero-padded after folding scaling
     p: int  # basis size of a "shared" module (0 otherwise)
     method: Literal["shared", "truncate", "joint"] = "shared"
-    ranks: list[int] | None = None  # "truncate": the rank each task keeps, in task order
+    ranks: dict[str, int] | None = None  # "truncate": task -> the rank it keeps
     size: tuple[int, int] | None = None  # "joint": (Ku, Kv) shared directions on the out and in sides
 
 

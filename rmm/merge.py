@@ -6,6 +6,7 @@ smaller than the inputs at any useful storage ratio); `revert` holds one task's 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -33,7 +34,7 @@ from rmm.bundle import (
     extras_file,
     read_manifest,
 )
-from rmm.allocate import Curves, allocate, curves, joint_bases
+from rmm.allocate import Choice, Curves, allocate, curves, grams, joint_bases
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, sha256_file
@@ -63,10 +64,8 @@ def merge(
     adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)
     if basis is not None:
-        if options.method != "rmm-paper":
-            raise RMMError("a given basis is a per-position one: merge against it with method rmm-paper", file=basis)
         basis = Path(basis)
-        modules = modules_of_basis(basis, specs)
+        modules = modules_of_basis(basis, specs, [a.name for a in adapters], options.method)
     elif options.method == "auto":
         modules = allocate_modules(adapters, specs, options.storage_ratio * numbers_original(adapters), progress)
     else:
@@ -82,7 +81,7 @@ def merge(
         # soon as they are solved: memory holds one module of all T adapters, not the whole bundle.
         (tmp / "coefficients").mkdir()
         basis_out = StreamingWriter(tmp / BASIS_FILE, basis_specs(modules, dtype), {"format": "pt"})
-        coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), coef_specs(modules, dtype, t), {"format": "pt"}) for t, a in enumerate(adapters)}
+        coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), coef_specs(modules, dtype, a.name), {"format": "pt"}) for a in adapters}
         solved = _in_order(partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis), modules)
         for mod, (shared, own, captured, err) in track(zip(modules, solved), total=len(modules), description="merging modules", disable=not progress, transient=True):
             for key, tensor in shared.items():
@@ -187,10 +186,31 @@ def plan_modules(specs: list[ModuleEntry], tasks: int, lora_numbers: int, option
     return [m.model_copy(update={"p": min(p, m.rank, tasks - 1)}) for m in specs]
 
 
-def modules_of_basis(basis: Path, specs: list[ModuleEntry]) -> list[ModuleEntry]:
-    """The modules of a given basis file, checked against the adapters' modules; p from its shapes."""
-    planned = []
+PLAN = "rmm.plan"  # metadata key of a federation's "auto" basis file: its modules as planned, as JSON
+
+
+def modules_of_basis(basis: Path, specs: list[ModuleEntry], tasks: list[str], method: str) -> list[ModuleEntry]:
+    """The modules of a given basis file (a federation's), checked against the adapters' modules.
+
+    An "auto" basis carries its plan (how each module is stored, every task's ranks) in its metadata;
+    a per-position ("rmm-paper") basis gives p by its shapes.
+    """
     with open_safetensors(basis) as f:
+        meta = f.metadata() or {}
+        if (PLAN in meta) != (method == "auto"):
+            raise RMMError(f"this basis was built by method {'auto' if PLAN in meta else 'rmm-paper'}; merge against it with that method, not {method}", file=basis)
+        if PLAN in meta:
+            planned = [ModuleEntry.model_validate(m) for m in json.loads(meta[PLAN])]
+            if [m.name for m in planned] != [m.name for m in specs]:
+                raise RMMError("the basis' plan covers other modules than the adapters", file=basis)
+            for m, spec in zip(planned, specs):
+                if (m.out_features, m.in_features) != (spec.out_features, spec.in_features) or m.rank < spec.rank:
+                    raise RMMError(f"plan shape {m.out_features}x{m.in_features} rank {m.rank} does not fit the adapters'", file=basis, module=m.name)
+                missing = [t for t in tasks if m.method == "truncate" and t not in m.ranks]
+                if missing:
+                    raise RMMError(f"the basis' plan has no rank for task(s) {missing}", file=basis, module=m.name)
+            return [m.model_copy(update={"ranks": {t: m.ranks[t] for t in tasks}}) if m.method == "truncate" else m for m in planned]
+        planned = []
         keys = set(f.keys())
         for m in specs:
             key = f"{m.name}.B.basis"
@@ -235,12 +255,17 @@ def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: b
     T = len(adapters)
     if mod.method == "truncate":
         shared = {}
-        own = [{"B": B[t][:, :k].to(dtype), "A": A[t][:k].mT.to(dtype)} for t, k in enumerate(mod.ranks)]
+        own = [{"B": B[t][:, :k].to(dtype), "A": A[t][:k].mT.to(dtype)} for t, k in enumerate(mod.ranks[a.name] for a in adapters)]
     elif mod.method == "joint":
-        U, V = joint_bases(B, A)
-        U, V = U[:, : mod.size[0]], V[:, : mod.size[1]]
-        shared = {"U": U.to(dtype), "V": V.to(dtype)}
-        M = (U.mT @ B) @ (A @ V)
+        if basis is None:
+            W_out, W_in = grams(B, A)
+            U, V = joint_bases([W_out], [W_in], max(mod.size))
+        else:
+            with open_safetensors(basis) as f:
+                U, V = (read_tensor(f, basis, f"{mod.name}.{side}") for side in ("U", "V"))
+        shared = {"U": U[:, : mod.size[0]].to(dtype), "V": V[:, : mod.size[1]].to(dtype)}
+        U, V = shared["U"].double(), shared["V"].double()
+        M = (U.mT @ B) @ (A @ V)  # the best cores for the bases as stored
         own = [{"M": M[t].to(dtype)} for t in range(T)]
     else:
         shared, Cs, captured = {}, {}, {}
@@ -272,9 +297,13 @@ def allocate_modules(adapters: list[LoraAdapter], specs: list[ModuleEntry], budg
         return curves(*stack_factors(adapters, mod, canonical=True), [a.modules[mod.name].rank for a in adapters])
 
     found = list(track(_in_order(curves_of, specs), total=len(specs), description="sizing modules", disable=not progress, transient=True))
-    plan = allocate(found, budget)
+    return planned_modules(specs, allocate(found, budget), [a.name for a in adapters])
+
+
+def planned_modules(specs: list[ModuleEntry], plan: list[Choice], tasks: list[str]) -> list[ModuleEntry]:
+    """The module entries of an allocation (`rmm.allocate.allocate`) for `tasks`, in their order."""
     return [
-        m.model_copy(update={"method": c.kind, "ranks": c.ranks} if c.kind == "truncate" else {"method": c.kind, "size": c.size})
+        m.model_copy(update={"method": c.kind, "ranks": dict(zip(tasks, c.ranks))} if c.kind == "truncate" else {"method": c.kind, "size": c.size})
         for m, c in zip(specs, plan)
     ]
 
@@ -319,8 +348,8 @@ def basis_specs(modules: list[ModuleEntry], dtype: torch.dtype) -> dict:
     return specs
 
 
-def coef_specs(modules: list[ModuleEntry], dtype: torch.dtype, task: int) -> dict:
-    """Name -> (dtype, shape) of every tensor of task number `task`'s coefficients file."""
+def coef_specs(modules: list[ModuleEntry], dtype: torch.dtype, task: str) -> dict:
+    """Name -> (dtype, shape) of every tensor of `task`'s coefficients file."""
     specs = {}
     for m in modules:
         if m.method == "joint":

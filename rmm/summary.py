@@ -13,7 +13,7 @@ def stored_numbers(mod: ModuleEntry, tasks: int) -> int:
     if mod.method == "shared":
         return sum(storage_numbers(n, mod.rank, tasks, mod.p) for n in (mod.out_features, mod.in_features))
     if mod.method == "truncate":
-        return sum(mod.ranks) * (mod.out_features + mod.in_features)
+        return sum(mod.ranks.values()) * (mod.out_features + mod.in_features)
     ku, kv = mod.size
     return ku * mod.out_features + kv * mod.in_features + tasks * ku * kv
 
@@ -23,7 +23,7 @@ def allocation(mod: ModuleEntry) -> str:
     if mod.method == "shared":
         return f"p={mod.p}"
     if mod.method == "truncate":
-        lo, hi = min(mod.ranks), max(mod.ranks)
+        lo, hi = min(mod.ranks.values()), max(mod.ranks.values())
         return f"truncate {lo}" if lo == hi else f"truncate {lo}-{hi}"
     return f"joint {mod.size[0]}x{mod.size[1]}"
 
