@@ -37,13 +37,19 @@ class FederationConfig(_Strict):
     id: str
     base_model: str  # every site's adapters must name this base_model_name_or_path
     modules: list[ModuleEntry]  # target modules with shapes and the largest rank allowed (p ignored)
+    # "auto" (the default, as `rmm merge`): the allocator, in two rounds of uploads (spectra, then
+    # curves); "rmm-paper": a per-position basis from moments / sketches / factors (implied by a
+    # basis_size or canonicalize).
+    method: Literal["auto", "rmm-paper"] | None = None
     basis_size: int | None = None
     storage_ratio: float | None = None
     canonicalize: bool = False
     sites: dict[str, Site]  # site id -> credentials; only these may join
     min_sites: int = 1  # quorum: the federation aggregates at the deadline if this many committed
     deadline_seconds: float = 3600.0  # from creation: aggregate with the quorum, or fail
-    upload_kinds: list[Literal["moments", "sketch", "factors"]] = ["moments", "sketch"]  # "factors" must be allowed here too
+    # rmm-paper: any of moments, sketch, factors (default moments and sketch; "factors" must be allowed
+    # here for a site to opt in); auto: spectra (the default and only kind)
+    upload_kinds: list[Literal["moments", "sketch", "factors", "spectra"]] | None = None
     basis_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
 
     @field_validator("id")
@@ -55,7 +61,13 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
-        self.merge_options()  # one of basis_size / storage_ratio, valid values
+        self.method = self.merge_options().method  # one of basis_size / storage_ratio, valid values
+        paper = ["moments", "sketch", "factors"]
+        if self.upload_kinds is None:
+            self.upload_kinds = ["spectra"] if self.method == "auto" else paper[:2]
+        allowed = ["spectra"] if self.method == "auto" else paper
+        if not self.upload_kinds or any(k not in allowed for k in self.upload_kinds):
+            raise ValueError(f"method {self.method} takes upload_kinds among {allowed}, got {self.upload_kinds}")
         for site in self.sites:
             if not _ID.match(site):
                 raise ValueError(f"site id {site!r}: letters, digits, '.', '_' or '-', at most 64")
@@ -69,8 +81,7 @@ class FederationConfig(_Strict):
         return self
 
     def merge_options(self) -> MergeOptions:
-        # A federation solves per-position bases from the sites' moments or sketches: method rmm-paper.
-        return MergeOptions(method="rmm-paper", basis_size=self.basis_size, storage_ratio=self.storage_ratio, canonicalize=self.canonicalize)
+        return MergeOptions(method=self.method, basis_size=self.basis_size, storage_ratio=self.storage_ratio, canonicalize=self.canonicalize)
 
 
 class TLSConfig(_Strict):

@@ -48,7 +48,7 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.federations: dict[str, FederationState] = {}
-        self._done: dict[str, asyncio.Event] = {}  # set once a federation is DONE or FAILED
+        self._changed: dict[str, asyncio.Event] = {}  # set (and replaced) whenever a federation changes state
         self._closing: set[asyncio.Task] = set()
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -61,9 +61,7 @@ class Coordinator:
         for fed in self.config.federations:
             state = FederationState(self.config.state_dir, fed)
             self.federations[fed.id] = state
-            self._done[fed.id] = asyncio.Event()
-            if state.result:
-                self._done[fed.id].set()
+            self._changed[fed.id] = asyncio.Event()
         self.close_due()  # before serving: a federation killed mid-aggregation resumes first
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -111,9 +109,10 @@ class Coordinator:
         if self._server:
             await self._server.wait_for_termination()
 
-    async def wait_done(self, federation_id: str, timeout: float) -> None:
+    async def wait_change(self, federation_id: str, timeout: float) -> None:
+        """Until the federation's state changes (a round closes, it is DONE or FAILED) or `timeout` passes."""
         try:
-            await asyncio.wait_for(self._done[federation_id].wait(), timeout)
+            await asyncio.wait_for(self._changed[federation_id].wait(), timeout)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             pass
 
@@ -132,7 +131,7 @@ class Coordinator:
             self.close_due()
 
     async def _conclude(self, fed: FederationState, due: list[str] | str) -> None:
-        """Aggregate the committed sites (a list), or fail the federation (a message)."""
+        """Close the round with the committed sites (a list), or fail the federation (a message)."""
         try:
             if isinstance(due, str):
                 await asyncio.to_thread(fed.fail, due)
@@ -147,7 +146,10 @@ class Coordinator:
             log.exception("federation %s: cannot write its result; fix the state directory and restart the coordinator", fed.config.id)
             return
         log.info("federation %s %s: %s", fed.config.id, fed.state, fed.message())
-        self._done[fed.config.id].set()
+        changed, self._changed[fed.config.id] = self._changed[fed.config.id], asyncio.Event()
+        changed.set()
+        if fed.state == "CURVES":
+            self.close_due()  # a coordinator restarted mid-round may already hold every site's curves
 
 
 def _call(method):
@@ -214,9 +216,10 @@ class _Servicer(pb_grpc.FederationServicer):
 
     @_call
     async def Status(self, fed: FederationState, request: pb.StatusRequest, context):
-        if request.wait and fed.state == "OPEN":
-            await self.coordinator.wait_done(fed.config.id, min(max(request.timeout_seconds, 0.0), MAX_WAIT))
-        result = fed.result or {}
+        # Wait while nothing is asked of this site: OPEN, or CURVES once its curves are in.
+        if request.wait and (fed.state == "OPEN" or (fed.state == "CURVES" and request.site_id in fed.curves)):
+            await self.coordinator.wait_change(fed.config.id, min(max(request.timeout_seconds, 0.0), MAX_WAIT))
+        result = fed.result or fed.bases or {}
         response = pb.StatusResponse(
             state=fed.state,
             joined_sites=sorted(fed.manifests),
@@ -240,7 +243,7 @@ class _Servicer(pb_grpc.FederationServicer):
         who = _who(request)
         try:
             fed = self.authenticate(request, context)
-            file, size = fed.basis_file(), fed.result["basis_size"]
+            file, _, size = fed.download()
             if not 0 <= request.offset <= size:
                 raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside the basis of {size} bytes; resume from 0 to {size}")
         except Refused as e:

@@ -8,7 +8,9 @@
     sites/<site>/parts/<name>.safetensors  the assembled parts, in place only at a successful commit
     sites/<site>/commit.json               the commit (parts, tasks, time); written last, so it marks it
     sites/<site>/traffic.json              bytes received from and sent to the site
-    result/basis.safetensors, result.json  DONE with the basis, or FAILED with why
+    sites/<site>/curves/parts/, commit.json  method "auto" only: the site's second upload (curves)
+    bases/bases.safetensors, bases.json    method "auto" only: the joint bases of round 1; state CURVES
+    result/basis.safetensors, result.json  DONE with the basis (for "auto": the plan), or FAILED with why
     result/coefficients/<task>.safetensors the tasks their sites chose to publish (Publish), their
     result/extras/<task>.safetensors       extras, and a bundle manifest listing them: result/ is then
     result/manifest.json                   a standard bundle of those tasks, which `rmm revert` reads
@@ -49,8 +51,8 @@ from rmm.adapter import lora_scaling, module_name
 from rmm.bundle import BASIS_FILE, FACTORS, Manifest, ModuleEntry, Report, Storage, TaskEntry, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
 from rmm.io import atomic_dir, open_safetensors, read_all, sha256_file
-from rmm.merge import plan_modules
-from rmm.payload import aggregate, read_payload
+from rmm.merge import coef_specs, plan_modules
+from rmm.payload import aggregate, check_round_payload, read_payload, write_bases, write_plan
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # part names become file names
@@ -103,9 +105,12 @@ class FederationState:
         self.created: float = json.loads(created.read_text())["created"]
         self.manifests: dict[str, pb.SiteManifest] = {}
         self.commits: dict[str, dict] = {}
+        self.curves: dict[str, dict] = {}  # method "auto": the second round's commits
         self.traffic: dict[str, dict[str, int]] = {}
         for site_dir in sorted((self.dir / "sites").glob("*")):
             self._load_site(site_dir.name, site_dir)
+        bases = self.dir / "bases" / "bases.json"
+        self.bases: dict | None = json.loads(bases.read_text()) if bases.exists() else None
         result = self.dir / "result" / "result.json"
         self.result: dict | None = json.loads(result.read_text()) if result.exists() else None
         bundle = self.dir / "result"
@@ -138,11 +143,12 @@ class FederationState:
     def _load_site(self, site: str, site_dir: Path) -> None:
         if (site_dir / "manifest.json").exists():
             self.manifests[site] = json_format.Parse((site_dir / "manifest.json").read_text(), pb.SiteManifest())
-        if (site_dir / "commit.json").exists():
-            self.commits[site] = json.loads((site_dir / "commit.json").read_text())
-            shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # a crash between a commit and its cleanup
-        else:
-            shutil.rmtree(site_dir / "parts", ignore_errors=True)  # a crash between the parts and commit.json
+        for store, where in ((self.commits, site_dir), (self.curves, site_dir / "curves")):
+            if (where / "commit.json").exists():
+                store[site] = json.loads((where / "commit.json").read_text())
+                shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # a crash between a commit and its cleanup
+            else:
+                shutil.rmtree(where / "parts", ignore_errors=True)  # a crash between the parts and commit.json
         if (site_dir / "traffic.json").exists():
             self.traffic[site] = json.loads((site_dir / "traffic.json").read_text())
 
@@ -150,7 +156,10 @@ class FederationState:
 
     @property
     def state(self) -> str:
-        return self.result["state"] if self.result else "OPEN"
+        """OPEN (collecting uploads), CURVES (method auto: bases out, collecting curves), DONE or FAILED."""
+        if self.result:
+            return self.result["state"]
+        return "CURVES" if self.bases else "OPEN"
 
     @property
     def deadline(self) -> float:
@@ -159,11 +168,18 @@ class FederationState:
     def missing_sites(self) -> list[str]:
         return [s for s in self.config.sites if s not in self.commits]
 
+    def missing_curves(self) -> list[str]:
+        return [s for s in self.bases["sites"] if s not in self.curves] if self.bases else []
+
     def message(self) -> str:
         if self.result:
             return self.result["message"]
         if self.closing:
             return self.closing
+        if self.bases:
+            waiting = ", ".join(self.missing_curves())
+            left = max(0.0, self.bases["finished"] + self.config.deadline_seconds - time.time())
+            return f"bases ready; waiting for the curves of {waiting}, deadline in {left:.0f} s"
         waiting = ", ".join(self.missing_sites())
         return (
             f"waiting for {waiting}: {len(self.commits)} of {len(self.config.sites)} sites committed, "
@@ -179,6 +195,14 @@ class FederationState:
         with self._lock:
             if self.result or self.closing:
                 return None
+            if self.bases:  # method auto, second round: every site of the bases, or fail at its deadline
+                if not self.missing_curves():
+                    self.closing = f"allocating the storage budget over {len(self.bases['tasks'])} tasks"
+                    return list(self.bases["sites"])
+                if now < self.bases["finished"] + self.config.deadline_seconds:
+                    return None
+                self.closing = f"deadline passed without the curves of {', '.join(self.missing_curves())}"
+                return self.closing
             if self.missing_sites() and now < self.deadline:
                 return None
             if len(self.commits) >= self.config.min_sites:
@@ -240,43 +264,55 @@ class FederationState:
         return already
 
     def commit(self, site: str, parts: list[pb.Part]) -> str:
+        """The site's upload of the current round: its payload parts, or (method auto, state CURVES) its curves."""
         manifest = self._joined(site)
         record = [{"name": p.name, "chunks": list(p.chunks), "sha256": p.sha256, "size": p.size} for p in parts]
-        if site in self.commits:
-            return self._same_commit(site, record)
+        first = self.commits.get(site)
+        if first is not None and (self.bases is None or site not in self.bases["sites"] or first["parts"] == record):
+            return self._same_commit(first, site, record)
+        if first is not None:
+            if site in self.curves:
+                return self._same_commit(self.curves[site], site, record)
+            self._still_uploading(site)
+            return self._land(site, record, manifest, self.curves, self.dir / "sites" / site / "curves", "curves")
         self._still_uploading(site)
+        return self._land(site, record, manifest, self.commits, self.dir / "sites" / site, manifest.upload_kind)
+
+    def _land(self, site: str, record: list[dict], manifest: pb.SiteManifest, store: dict, where: Path, kind: str) -> str:
+        """Assemble and check the parts from the site's chunks, then make the commit durable in `where`."""
         _check_parts(record)
-        site_dir = self.dir / "sites" / site
+        chunks = self.dir / "sites" / site / "chunks"
         wanted = {c for part in record for c in part["chunks"]}
-        missing = [c for c in wanted if not (site_dir / "chunks" / c).is_file()]
+        missing = [c for c in wanted if not (chunks / c).is_file()]
         if missing:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{len(missing)} of {len(wanted)} chunks are not stored; upload them (MissingChunks lists them) and commit again",
             )
-        staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=site_dir))
+        where.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=where))
         try:
             tasks = 0
             for part in record:
                 file = staging / f"{part['name']}.safetensors"
-                _assemble(site_dir / "chunks", part, file)
-                tasks += self._check_payload(file, part["name"], manifest)
+                _assemble(chunks, part, file)
+                tasks += self._check_payload(file, part["name"], manifest, kind)
             if tasks != len(manifest.tasks):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the parts hold {tasks} tasks, the manifest lists {len(manifest.tasks)}; upload every task's share once")
             with self._lock:
-                if site in self.commits:  # a concurrent retry of this commit landed first
-                    return self._same_commit(site, record)
+                if site in store:  # a concurrent retry of this commit landed first
+                    return self._same_commit(store[site], site, record)
                 if self.manifests[site] is not manifest:
                     raise Refused(grpc.StatusCode.ABORTED, "the site joined again with another manifest during this commit; commit again")
                 self._still_uploading(site)
-                shutil.rmtree(site_dir / "parts", ignore_errors=True)
-                staging.rename(site_dir / "parts")
-                self.commits[site] = {"parts": record, "tasks": tasks, "committed": time.time()}
-                _write_json(site_dir / "commit.json", self.commits[site])
+                shutil.rmtree(where / "parts", ignore_errors=True)
+                staging.rename(where / "parts")
+                store[site] = {"parts": record, "tasks": tasks, "committed": time.time()}
+                _write_json(where / "commit.json", store[site])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # the parts hold the same bytes now
-        return f"committed {len(record)} parts, {tasks} tasks"
+        shutil.rmtree(chunks, ignore_errors=True)  # the parts hold the same bytes now
+        return f"committed {len(record)} {kind} parts, {tasks} tasks"
 
     def publish(self, site: str, tasks: list[pb.PublishedTask]) -> str:
         """Store the site's own tasks' coefficients (and extras) in result/ and list them in its manifest."""
@@ -326,7 +362,8 @@ class FederationState:
             raise bad(f"task_json names {entry.name!r}; the name must be the task's and usable as a file name")
         if t.HasField("extras") != bool(entry.extras):
             raise bad("send an extras part exactly when the task entry lists extras")
-        coefs = {f"{m['name']}.{f}": (n, m["p"]) for m in self.result["modules"] for f, n in zip(FACTORS, (m["out_features"], m["in_features"]))}
+        modules = [ModuleEntry(**m) for m in self.result["modules"]]
+        coefs = {k: shape for k, (_, shape) in coef_specs(modules, torch.float32, t.name).items()}
         files = [(t.coefficients, coefficients_file(staging, t.name), coefs)]
         if entry.extras:
             files.append((t.extras, extras_file(staging, t.name), dict.fromkeys(entry.extras)))
@@ -365,7 +402,11 @@ class FederationState:
     def _bundle_manifest(self, published: dict[str, TaskEntry]) -> Manifest:
         """The bundle of the basis and the published tasks, its report from what the coordinator knows."""
         bundle, r = self.dir / "result", self.result
-        modules = [ModuleEntry(**m) for m in r["modules"]]
+        # A truncated module lists the ranks of the published tasks only: what the bundle stores.
+        modules = [
+            m.model_copy(update={"ranks": {t: m.ranks[t] for t in published}}) if m.ranks else m
+            for m in (ModuleEntry(**m) for m in r["modules"])
+        ]
         files = [bundle / BASIS_FILE, *(coefficients_file(bundle, t) for t in published)]
         numbers, size = (sum(c) for c in zip(*map(_tensor_counts, files)))
         originals = {
@@ -396,10 +437,13 @@ class FederationState:
             (self.dir / "sites" / site).mkdir(parents=True, exist_ok=True)
             _write_json(self.dir / "sites" / site / "traffic.json", t)
 
-    def basis_file(self) -> Path:
+    def download(self) -> tuple[Path, str, int]:
+        """What DownloadBasis serves now, its sha256 and size: the basis (DONE) or the bases (CURVES)."""
+        if self.state == "CURVES":
+            return self.dir / "bases" / "bases.safetensors", self.bases["basis_sha256"], self.bases["basis_size"]
         if self.state != "DONE":
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"federation {self.config.id} is {self.state}, not DONE: {self.message()}; wait with Status")
-        return self.dir / "result" / BASIS_FILE
+        return self.dir / "result" / BASIS_FILE, self.result["basis_sha256"], self.result["basis_size"]
 
     def _joined(self, site: str) -> pb.SiteManifest:
         if site not in self.manifests:
@@ -407,26 +451,31 @@ class FederationState:
         return self.manifests[site]
 
     def _still_uploading(self, site: str) -> None:
-        if site in self.commits:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed; nothing more to upload")
         if self.result or self.closing:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"federation {self.config.id} closed ({self.message()}); it takes no more uploads")
+        if self.bases and site not in self.bases["sites"]:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} is not in this federation's bases (it committed too late); nothing more to upload")
+        if site in (self.curves if self.bases else self.commits):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed; nothing more to upload")
 
-    def _same_commit(self, site: str, record: list[dict]) -> str:
-        if self.commits[site]["parts"] != record:
+    def _same_commit(self, commit: dict, site: str, record: list[dict]) -> str:
+        if commit["parts"] != record:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed other parts; a commit is final")
         return "committed again (same parts)"
 
-    def _check_payload(self, file: Path, name: str, manifest: pb.SiteManifest) -> int:
-        """The part's task count, once it reads as a payload of the site's kind that fits every module."""
+    def _check_payload(self, file: Path, name: str, manifest: pb.SiteManifest, kind: str) -> int:
+        """The part's task count, once it reads as a payload of `kind` that fits every module."""
         def bad(reason: str) -> Refused:
             return Refused(grpc.StatusCode.INVALID_ARGUMENT, f"part {name}: {reason}")
 
         try:
             with open_safetensors(file) as f:
                 meta = f.metadata() or {}
-            if meta.get("kind") != manifest.upload_kind:
-                raise bad(f"payload kind {meta.get('kind')!r}, but the site joined with upload kind {manifest.upload_kind!r}")
+            if meta.get("kind") != kind:
+                raise bad(f"payload kind {meta.get('kind')!r}, but this upload takes {kind!r}")
+            if kind in ("spectra", "curves"):
+                bases = self.dir / "bases" / "bases.safetensors" if kind == "curves" else None
+                return len(check_round_payload(file, kind, self.config.modules, list(manifest.tasks), bases))
             n = int(meta.get("n", "0"))
             for module, moments in zip(self.config.modules, read_payload(file, self.config.modules)):
                 for factor, positions in zip(FACTORS, (module.out_features, module.in_features)):
@@ -436,23 +485,35 @@ class FederationState:
                     if not (torch.isfinite(m.s1).all() and torch.isfinite(m.s2).all()):
                         raise bad(f"module {module.name} factor {factor} holds NaN or infinite values")
         except RMMError as e:
-            raise bad(f"not a valid {manifest.upload_kind} payload: {e.reason}" + (f" (module {e.module})" if e.module else "")) from None
+            raise bad(f"not a valid {kind} payload: {e.reason}" + (f" (module {e.module})" if e.module else "")) from None
         except ValueError as e:
-            raise bad(f"not a valid {manifest.upload_kind} payload: {e}") from None
+            raise bad(f"not a valid {kind} payload: {e}") from None
         return n
 
     # -- closing ----------------------------------------------------------------------------------
 
     def aggregate(self, sites: list[str]) -> None:
-        """Plan the basis sizes for the committed tasks, sum every part's moments and solve; DONE."""
+        """Close the current round with these sites' uploads.
+
+        rmm-paper: plan the basis sizes for the committed tasks, sum every part's moments and solve; DONE.
+        auto, first round: the joint bases from the sites' spectra; CURVES. auto, second round:
+        allocate the budget from the spectra and curves; DONE with the plan as the basis file.
+        """
         started = time.time()
         clock = time.perf_counter()
         manifests = [self.manifests[s] for s in sites]
         tasks = [t for m in manifests for t in m.tasks]
-        modules = plan_modules(self.config.modules, len(tasks), sum(m.lora_numbers for m in manifests), self.config.merge_options())
-        parts = [self.dir / "sites" / s / "parts" / f"{p['name']}.safetensors" for s in sites for p in self.commits[s]["parts"]]
+        parts = self._parts(sites, "")
+        if self.config.method == "auto" and not self.bases:
+            return self._write_bases(sites, tasks, parts, started, clock)
         with atomic_dir(self.dir / "result") as tmp:
-            energy = aggregate(parts, modules, tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
+            if self.config.method == "auto":
+                budget = self.config.storage_ratio * sum(m.lora_numbers for m in manifests)
+                modules, energy = write_plan(parts, self._parts(sites, "curves"), self.config.modules, budget,
+                                             self.dir / "bases" / "bases.safetensors", tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
+            else:
+                modules = plan_modules(self.config.modules, len(tasks), sum(m.lora_numbers for m in manifests), self.config.merge_options())
+                energy = aggregate(parts, modules, tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
             solved = time.perf_counter()
             result = {
                 "state": "DONE",
@@ -463,11 +524,32 @@ class FederationState:
                 "energy": energy,
                 "basis_sha256": sha256_file(tmp / BASIS_FILE),
                 "basis_size": (tmp / BASIS_FILE).stat().st_size,
-                "seconds": {"collect": started - self.created, "aggregate": solved - clock, "hash": time.perf_counter() - solved},
+                "seconds": (self.bases or {}).get("seconds", {}) | {"collect": started - self.created, "aggregate": solved - clock, "hash": time.perf_counter() - solved},
                 "finished": time.time(),
             }
             _write_json(tmp / "result.json", result)
         self.result = result
+
+    def _parts(self, sites: list[str], round_dir: str) -> list[Path]:
+        """The committed part files of `sites`: first uploads (round_dir "") or curves ("curves")."""
+        store = self.curves if round_dir else self.commits
+        return [self.dir / "sites" / s / round_dir / "parts" / f"{p['name']}.safetensors" for s in sites for p in store[s]["parts"]]
+
+    def _write_bases(self, sites: list[str], tasks: list[str], parts: list[Path], started: float, clock: float) -> None:
+        """Method auto, end of the first round: the joint bases every site needs for its curves; CURVES."""
+        with atomic_dir(self.dir / "bases") as tmp:
+            write_bases(parts, self.config.modules, tmp / "bases.safetensors")
+            bases = {
+                "sites": sites,
+                "tasks": tasks,
+                "basis_sha256": sha256_file(tmp / "bases.safetensors"),
+                "basis_size": (tmp / "bases.safetensors").stat().st_size,
+                "seconds": {"collect": started - self.created, "bases": time.perf_counter() - clock},
+                "finished": time.time(),
+            }
+            _write_json(tmp / "bases.json", bases)
+        with self._lock:
+            self.bases, self.closing = bases, None  # open again, for the curves
 
     def fail(self, message: str) -> None:
         with atomic_dir(self.dir / "result") as tmp:
@@ -528,6 +610,8 @@ def _check_manifest(config: FederationConfig, m: pb.SiteManifest, others: dict[s
             refuse(f"module {x.name} has shape {x.out_features}x{x.in_features}, the federation's is {want.out_features}x{want.in_features}")
         if not 1 <= x.rank <= want.rank:
             refuse(f"module {x.name} has rank {x.rank}, the federation allows 1 to {want.rank}")
+    if m.upload_kind not in config.upload_kinds and config.method == "auto":
+        refuse(f"the federation uses method auto, whose sites upload 'spectra' (rmm site run --method auto), not {m.upload_kind!r}")
     if m.upload_kind not in config.upload_kinds:
         refuse(f"upload_kind {m.upload_kind!r} is not allowed; the federation allows {', '.join(config.upload_kinds)}")
     if m.upload_kind == "sketch" and m.sketch_rank < 1:

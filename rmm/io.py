@@ -77,7 +77,7 @@ def atomic_dir(out: Path, *, keep_existing: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
 class StreamingWriter:

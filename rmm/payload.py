@@ -18,6 +18,8 @@ sites send, the basis is solved by the same `rmm.solver.solve` as a centralised 
 
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -27,7 +29,8 @@ from rmm.adapter import LoraAdapter
 from rmm.bundle import BASIS_FILE, FACTORS, ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, open_safetensors, read_tensor
-from rmm.merge import basis_specs, stack_factors
+from rmm.allocate import Curves, allocate, grams, joint_bases, joint_cap, joint_errors, singular_values, truncation_errors
+from rmm.merge import PLAN, basis_specs, planned_modules, stack_factors
 from rmm.solver import Moments, solve
 
 Kind = Literal["moments", "sketch", "factors"]
@@ -146,3 +149,147 @@ def _decode(kind: str, n: int, r: int, get) -> Moments:
         return Moments(n, get("s1"), s2)
     mean, qs = get("mean"), get("qs")
     return Moments(n, n * mean, qs @ qs.mT + n * mean[:, :, None] * mean[:, None, :])
+
+
+# --- method "auto": the allocator in two rounds --------------------------------------------------
+#
+# Round 1, `spectra` (per module): every task's singular values `S` (n, r) and own rank `ranks` (n,),
+# and the site's Gram roots `W_out` (out, q), `W_in` (in, q) (`rmm.allocate.grams`, q = min(side, n r)),
+# float64. The coordinator sets all sites' roots side by side and writes the joint bases (`bases`).
+# Round 2, `curves` (per module): every task's joint error curve `joint` (n, K + 1) against those bases.
+# The coordinator then allocates exactly as `rmm merge` does (`write_plan`): the final basis file holds
+# the joint modules' U and V and, in its metadata, the plan. Truncation stays local: each site cuts its
+# own tasks to the ranks the plan gives them. Task names travel in each payload's metadata.
+
+
+def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file: Path) -> StreamingWriter:
+    """A site's round-1 upload of a method "auto" federation, streamed module by module."""
+    n = len(adapters)
+    specs = {}
+    for m in modules:
+        specs[f"{m.name}.S"] = (torch.float64, (n, m.rank))
+        specs[f"{m.name}.ranks"] = (torch.int64, (n,))
+        specs[f"{m.name}.W_out"] = (torch.float64, (m.out_features, min(m.out_features, n * m.rank)))
+        specs[f"{m.name}.W_in"] = (torch.float64, (m.in_features, min(m.in_features, n * m.rank)))
+    writer = StreamingWriter(file, specs, {"kind": "spectra", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
+    for m in modules:
+        B, A = stack_factors(adapters, m, canonical=True)
+        W_out, W_in = grams(B, A)
+        writer.write(f"{m.name}.S", singular_values(B))
+        writer.write(f"{m.name}.ranks", torch.tensor([a.modules[m.name].rank for a in adapters], dtype=torch.int64))
+        writer.write(f"{m.name}.W_out", W_out.contiguous())
+        writer.write(f"{m.name}.W_in", W_in.contiguous())
+    writer.close()
+    return writer
+
+
+def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> None:
+    """The coordinator, after round 1: every module's joint bases U, V (float64) from the sites' roots."""
+    tasks = [t for p in spectra for t in payload_tasks(p)]
+    caps = {}
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_safetensors(p)) for p in spectra]
+        shapes = {}
+        for m in modules:
+            ranks = torch.cat([read_tensor(f, p, f"{m.name}.ranks") for f, p in zip(files, spectra)]).tolist()
+            caps[m.name] = joint_cap(m.out_features, m.in_features, ranks)
+            for side, size in (("U", m.out_features), ("V", m.in_features)):
+                shapes[f"{m.name}.{side}"] = (torch.float64, (size, min(caps[m.name], size, len(tasks) * m.rank)))
+        writer = StreamingWriter(file, shapes, {"kind": "bases", "tasks": json.dumps(tasks)})
+        for m in modules:
+            roots = {side: [read_tensor(f, p, f"{m.name}.{side}").double() for f, p in zip(files, spectra)] for side in ("W_out", "W_in")}
+            U, V = joint_bases(roots["W_out"], roots["W_in"], caps[m.name])
+            writer.write(f"{m.name}.U", U.contiguous())
+            writer.write(f"{m.name}.V", V.contiguous())
+        writer.close()
+
+
+def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases: Path, file: Path) -> StreamingWriter:
+    """A site's round-2 upload: each task's joint error curve against the federation's bases."""
+    n = len(adapters)
+    with open_safetensors(bases) as f:
+        sizes = {m.name: max(f.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) for m in modules}
+        writer = StreamingWriter(file, {f"{m.name}.joint": (torch.float64, (n, sizes[m.name] + 1)) for m in modules},
+                                 {"kind": "curves", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
+        for m in modules:
+            B, A = stack_factors(adapters, m, canonical=True)
+            U, V = (read_tensor(f, bases, f"{m.name}.{s}").double() for s in ("U", "V"))
+            writer.write(f"{m.name}.joint", joint_errors(B, A, U, V))
+    writer.close()
+    return writer
+
+
+def write_plan(spectra: list[Path], curves: list[Path], modules: list[ModuleEntry], budget: float, bases: Path, file: Path,
+               dtype: torch.dtype = torch.float32) -> tuple[list[ModuleEntry], dict[str, dict[str, float]]]:
+    """The coordinator, after round 2: allocate `budget` numbers over every task, as `rmm merge` does,
+    and write the final basis (joint modules' U, V in `dtype`; the plan in its metadata).
+
+    Returns the planned modules and, per module, the share of the tasks' summed ||dW||^2 the plan keeps.
+    """
+    tasks = [t for p in spectra for t in payload_tasks(p)]
+    by_task = {t: i for i, t in enumerate(tasks)}
+    found, energy = [], {}
+    with ExitStack() as stack:
+        files = [stack.enter_context(open_safetensors(p)) for p in (*spectra, *curves, bases)]
+        spec_files, curve_files, fb = files[: len(spectra)], files[len(spectra) : -1], files[-1]
+        order = [by_task[t] for p in curves for t in payload_tasks(p)]  # curve rows, in spectra order
+        if sorted(order) != list(range(len(tasks))):
+            raise RMMError("the curves do not cover the same tasks as the spectra", file=curves[0] if curves else bases)
+        for m in modules:
+            S = torch.cat([read_tensor(f, p, f"{m.name}.S").double() for f, p in zip(spec_files, spectra)])
+            ranks = torch.cat([read_tensor(f, p, f"{m.name}.ranks") for f, p in zip(spec_files, spectra)]).tolist()
+            rows = torch.cat([read_tensor(f, p, f"{m.name}.joint").double() for f, p in zip(curve_files, curves)])
+            joint = torch.empty_like(rows)
+            joint[order] = rows
+            sides = tuple(fb.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V"))
+            found.append(Curves(m.out_features, m.in_features, tuple(ranks), truncation_errors(S), joint, sides))
+            energy[m.name] = (S * S).sum(-1)
+        plan = allocate(found, budget)
+        planned = planned_modules(modules, plan, tasks)
+        shapes = {f"{m.name}.{s}": (dtype, (n, k)) for m in planned if m.method == "joint" for s, n, k in (("U", m.out_features, m.size[0]), ("V", m.in_features, m.size[1]))}
+        writer = StreamingWriter(file, shapes, {"format": "pt", PLAN: json.dumps([m.model_dump(mode="json") for m in planned])})
+        for m in planned:
+            if m.method == "joint":
+                writer.write(f"{m.name}.U", read_tensor(fb, bases, f"{m.name}.U")[:, : m.size[0]].to(dtype).contiguous())
+                writer.write(f"{m.name}.V", read_tensor(fb, bases, f"{m.name}.V")[:, : m.size[1]].to(dtype).contiguous())
+        writer.close()
+    kept = {m.name: {"dW": 1.0 - float((torch.tensor(c.errors) * energy[m.name]).sum() / energy[m.name].sum().clamp_min(1e-300))} for m, c in zip(modules, plan)}
+    return planned, kept
+
+
+def payload_tasks(file: Path) -> list[str]:
+    """The task names a spectra, curves or bases file lists in its metadata, in row order."""
+    with open_safetensors(file) as f:
+        meta = f.metadata() or {}
+    try:
+        return json.loads(meta["tasks"])
+    except (KeyError, ValueError):
+        raise RMMError("no task list in the metadata: not a spectra, curves or bases file", file=file) from None
+
+
+def check_round_payload(file: Path, kind: str, modules: list[ModuleEntry], allowed: list[str], bases: Path | None = None) -> list[str]:
+    """The tasks of a spectra or curves payload, once every tensor has the shape and finite values
+    `modules` (and, for curves, the `bases`) need and every task is one of `allowed`."""
+    tasks = payload_tasks(file)
+    n = len(tasks)
+    if not tasks or len(set(tasks)) != n or any(t not in allowed for t in tasks):
+        raise RMMError(f"tasks {tasks} are not distinct tasks of the site's manifest", file=file)
+    with ExitStack() as stack:
+        f = stack.enter_context(open_safetensors(file))
+        fb = stack.enter_context(open_safetensors(bases)) if bases else None
+        for m in modules:
+            if kind == "spectra":
+                shapes = {"S": (n, m.rank), "ranks": (n,), "W_out": (m.out_features, min(m.out_features, n * m.rank)),
+                          "W_in": (m.in_features, min(m.in_features, n * m.rank))}
+            else:
+                shapes = {"joint": (n, max(fb.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) + 1)}
+            for key, shape in shapes.items():
+                x = read_tensor(f, file, f"{m.name}.{key}")
+                if tuple(x.shape) != shape:
+                    raise RMMError(f"{key} has shape {tuple(x.shape)}, not {shape}", file=file, module=m.name)
+                if key == "ranks":
+                    if x.dtype != torch.int64 or not ((x >= 1) & (x <= m.rank)).all():
+                        raise RMMError(f"ranks must be integers from 1 to {m.rank}", file=file, module=m.name)
+                elif not x.is_floating_point() or not torch.isfinite(x).all():
+                    raise RMMError(f"{key} must hold finite floats", file=file, module=m.name)
+    return tasks

@@ -19,7 +19,7 @@ from coordinator.certs import make_dev_certs
 from coordinator.config import CoordinatorConfig, FederationConfig, Site, load_config, token_hash
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm.adapter import delta_weight, open_adapter
-from rmm.bundle import MergeOptions
+from rmm.bundle import MergeOptions, read_manifest
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, plan_modules, revert
 from rmm.payload import write_payload
@@ -69,6 +69,30 @@ def test_simulated_federation_equals_centralised_merge(ray_cluster, seven, centr
         _assert_same_adapters(Path(site["reverted"]), centralised, site["tasks"])
         assert site["bytes_up"] == site["payload_bytes"] > 0 and site["bytes_down"] > 0
     assert report["coordinator"]["state"] == "DONE"
+
+
+def test_simulated_federation_runs_the_allocator_in_two_rounds_as_merge_does(ray_cluster, seven, tmp_path):
+    """Method auto (the default) over three uneven sites: spectra, then curves; the sites' plan and
+    reverted adapters are the centralised merge's, and no site sends its factors."""
+    options = MergeOptions(storage_ratio=0.6)
+    central = merge(seven, tmp_path / "central" / "bundle", options, progress=False)
+    revert(tmp_path / "central" / "bundle", tmp_path / "central" / "reverted", progress=False)
+    assert {m.method for m in central.modules} == {"truncate", "joint"}
+    shards = [seven[:1], seven[1:3], seven[3:]]
+    report = simulate(seven, 3, tmp_path / "fed", options, shards=shards, publish_coefficients=True)
+    assert report["coordinator"]["state"] == "DONE" and {s["upload"] for s in report["sites"]} == {"spectra"}
+    for i, site in enumerate(report["sites"]):
+        _assert_same_adapters(Path(site["reverted"]), tmp_path / "central" / "reverted", site["tasks"])
+        bundle = read_manifest(tmp_path / "fed" / f"site{i}" / "bundles" / f"site{i}-0")
+        for got, want in zip(bundle.modules, central.modules):
+            assert (got.method, got.size) == (want.method, want.size)
+            assert got.ranks is None or got.ranks == {t: want.ranks[t] for t in site["tasks"]}
+    # Published coefficients make the coordinator's result a bundle that reverts every task.
+    result = tmp_path / "fed" / "coordinator" / "simulation" / "result"
+    revert(result, tmp_path / "at-coordinator", progress=False)
+    _assert_same_adapters(tmp_path / "at-coordinator", tmp_path / "central" / "reverted", [p.name for p in seven])
+    with pytest.raises(RMMError, match="method auto uploads spectra"):
+        simulate(seven, 3, tmp_path / "bad", options, upload="moments")
 
 
 def _free_port() -> int:

@@ -8,7 +8,8 @@ from rmm.adapter import open_adapter
 from rmm.bundle import BASIS_FILE, MergeOptions
 from rmm.io import open_safetensors
 from rmm.merge import merge, module_specs, numbers_original, plan_modules
-from rmm.payload import aggregate, smallest_exact_numbers, write_payload
+from rmm.errors import RMMError
+from rmm.payload import aggregate, smallest_exact_numbers, write_bases, write_curves, write_payload, write_plan, write_spectra
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,31 @@ def test_low_rank_sketch_is_smaller_and_lossy(eight, tmp_path):
     exact, lossy = _basis(tmp_path / "b_full.safetensors"), _basis(tmp_path / "b_low.safetensors")
     differs = [k for k in exact if k.endswith(".basis") and not torch.allclose(exact[k].abs(), lossy[k].abs(), atol=1e-3)]
     assert differs
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(eight, tmp_path, ratio):
+    """Spectra -> bases -> curves -> plan over uneven sites gives the centralised plan, and each site's
+    bundle against the planned basis the centralised errors; no site ever sends its factors."""
+    central = merge(eight, tmp_path / "central", MergeOptions(storage_ratio=ratio), progress=False)
+    assert {m.method for m in central.modules} == {"truncate", "joint"} or ratio == 0.3  # both kinds at 0.6 here
+    adapters = [open_adapter(p) for p in eight]
+    modules = module_specs(adapters)
+    shards = [adapters[:1], adapters[1:4], adapters[4:]]
+    spectra = [tmp_path / f"s{i}.safetensors" for i in range(3)]
+    for shard, file in zip(shards, spectra):
+        write_spectra(shard, modules, file)
+    write_bases(spectra, modules, tmp_path / "bases.safetensors")
+    curves = [tmp_path / f"c{i}.safetensors" for i in range(3)]
+    for shard, file in zip(reversed(shards), reversed(curves)):  # sites answer in any order
+        write_curves(shard, modules, tmp_path / "bases.safetensors", file)
+    planned, kept = write_plan(spectra, curves[::-1], modules, ratio * numbers_original(adapters), tmp_path / "bases.safetensors", tmp_path / "plan.safetensors")
+    assert [(m.method, m.ranks, m.size) for m in planned] == [(m.method, m.ranks, m.size) for m in central.modules]
+    assert all(0 <= k["dW"] <= 1 for k in kept.values())
+    for i, shard in enumerate(shards):
+        site = merge([a.path for a in shard], tmp_path / f"site{i}", MergeOptions(storage_ratio=ratio), basis=tmp_path / "plan.safetensors", progress=False)
+        for a in shard:
+            for name, err in site.report.errors[a.name].items():
+                assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6), (a.name, name)
+    with pytest.raises(RMMError, match="built by method auto"):
+        merge([a.path for a in shards[0]], tmp_path / "wrong", MergeOptions(basis_size=2), basis=tmp_path / "plan.safetensors", progress=False)

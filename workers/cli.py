@@ -17,6 +17,7 @@ def register(verbs) -> None:
     site = verbs.add_parser("site", help="take part in a federation as a site")
     site_verbs = site.add_subparsers(dest="site_verb", required=True, metavar="VERB")
     p = site_verbs.add_parser("run", help="join, upload sketches, wait for the basis, revert this site's tasks")
+    _add_method_arg(p)
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     p.add_argument("--federation", required=True, metavar="ID")
     p.add_argument("--site", required=True, metavar="ID", help="this site's id in the federation config")
@@ -38,6 +39,7 @@ def register(verbs) -> None:
     p.add_argument("--sites", type=int, default=3, metavar="N")
     p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    _add_method_arg(p)
     add_budget_args(p)
     _add_upload_args(p)
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
@@ -45,10 +47,19 @@ def register(verbs) -> None:
     p.set_defaults(run=_simulate)
 
 
+def _add_method_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method", choices=["auto", "rmm-paper"],
+        help="auto (default; as rmm merge): the allocator, two rounds of uploads; rmm-paper: a per-position basis "
+        "(implied by --basis-size / --canonicalize); must match the federation",
+    )
+
+
 def _add_upload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--upload", choices=["moments", "sketch", "factors", "auto"], default="moments",
-        help="what leaves the site (default: moments; auto: the smaller exact one of moments and a full-rank sketch)",
+        "--upload", choices=["moments", "sketch", "factors", "auto"], default="auto",
+        help="what leaves the site under method rmm-paper (default auto: the smaller exact one of moments and a full-rank "
+        "sketch); method auto always sends spectra, then curves",
     )
     p.add_argument("--sketch-rank", type=int, default=0, metavar="Q", help="rank q of a sketch upload")
     p.add_argument("--allow-factors", action="store_true", help="consent to sending raw adapters (--upload factors)")
@@ -77,6 +88,7 @@ def _site_run(args) -> int:
     credentials = Credentials(token=token, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure)
     report = run_site(
         args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
+        method=args.method or ("rmm-paper" if args.canonicalize else "auto"),
         upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
         allow_factors=args.allow_factors, actors=args.actors, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
     )
@@ -90,7 +102,7 @@ def _simulate(args) -> int:
     if args.upload == "factors" and not args.allow_factors:
         raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
     report = simulate(
-        args.adapters, args.sites, args.out, merge_options(args, method="rmm-paper"), upload=args.upload, sketch_rank=args.sketch_rank,
+        args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
         force=args.force, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
     )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -127,21 +127,22 @@ class FederationClient:
     def status(self) -> pb.StatusResponse:
         return self._call(self.stub.Status, pb.StatusRequest(**self._ids()))
 
-    def wait(self, timeout: float) -> pb.StatusResponse:
-        """Block until the federation is DONE or FAILED (polling in bounded calls) or `timeout` passes."""
+    def wait(self, timeout: float, states: tuple[str, ...] = ("DONE", "FAILED")) -> pb.StatusResponse:
+        """Block until the federation is in one of `states` (polling in bounded calls) or `timeout` passes."""
         end = time.monotonic() + timeout
         while True:
             left = end - time.monotonic()
             step = max(0.1, min(left, 20.0))
             status = self._call(self.stub.Status, pb.StatusRequest(wait=True, timeout_seconds=step, **self._ids()), timeout=step + 30)
-            if status.state in ("DONE", "FAILED") or left <= 0:
+            if status.state in states or left <= 0:
                 return status
 
-    def download(self, file: Path, attempts: int = 5) -> Path:
-        """The basis into `file`, resuming a partial download; checked chunk by chunk and whole."""
+    def download(self, file: Path, attempts: int = 5, state: str = "DONE") -> Path:
+        """The basis (DONE) or, with state CURVES, the bases of method auto's first round into `file`,
+        resuming a partial download; checked chunk by chunk and whole."""
         status = self.status()
-        if status.state != "DONE":
-            raise RMMError(f"federation {self.federation_id} is {status.state}, not DONE: {status.message}")
+        if status.state != state:
+            raise RMMError(f"federation {self.federation_id} is {status.state}, not {state}: {status.message}")
         partial = file.with_name(file.name + ".part")
         for attempt in range(attempts):
             offset = partial.stat().st_size if partial.exists() else 0

@@ -87,7 +87,7 @@ def simulate(
     out: str | Path,
     options: MergeOptions | None = None,
     *,
-    upload: str = "moments",
+    upload: str = "auto",
     sketch_rank: int = 0,
     shards: list[list[str | Path]] | None = None,
     force: bool = False,
@@ -100,9 +100,9 @@ def simulate(
     new or empty unless `force` replaces it. With `publish_coefficients` every site publishes its
     tasks' coefficients, so `out/coordinator/<federation>/result/` is a bundle of all of them.
     """
-    options = options or MergeOptions(method="rmm-paper")
-    if options.method != "rmm-paper":
-        raise RMMError(f"a federation builds the paper's per-position basis (method rmm-paper), not {options.method!r}")
+    options = options or MergeOptions()
+    if options.method == "auto" and upload not in ("auto", "spectra"):
+        raise RMMError(f"method auto uploads spectra; --upload {upload} is for method rmm-paper")
     out = Path(out)
     check_output(out, force)
     shutil.rmtree(out, ignore_errors=True)
@@ -117,12 +117,13 @@ def simulate(
         id=FEDERATION,
         base_model=adapters[0].base_model or "",
         modules=module_specs(adapters),
+        method=options.method,
         basis_size=options.basis_size,
         storage_ratio=options.storage_ratio if options.basis_size is None else None,
         canonicalize=options.canonicalize,
         sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()},
         min_sites=len(names),
-        upload_kinds=["moments", "sketch"] if upload == "auto" else [upload],
+        upload_kinds=None if options.method == "auto" or upload == "auto" else [upload],
     )
     config = CoordinatorConfig(
         port=0,
@@ -142,7 +143,7 @@ def simulate(
         name = names[i]
         return run_site(
             address, FEDERATION, name, credentials(name), shards[i], out / name,
-            upload=upload, sketch_rank=sketch_rank, canonicalize=options.canonicalize,
+            method=options.method, upload=upload, sketch_rank=sketch_rank, canonicalize=options.canonicalize,
             allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600,
             publish_coefficients=publish_coefficients, on_stage=on_stage,
         )

@@ -22,7 +22,7 @@ from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, revert
-from rmm.payload import smallest_exact_numbers, write_payload
+from rmm.payload import smallest_exact_numbers, write_curves, write_payload, write_spectra
 from workers.client import Credentials, FederationClient
 
 
@@ -49,7 +49,10 @@ class SiteShard:
         clock = time.perf_counter()
         self.work.mkdir(parents=True, exist_ok=True)
         file = self.work / f"{self.name}.payload.safetensors"
-        written = write_payload(self.adapters, entries, file, kind, q=q, canonical=canonical)
+        if kind == "spectra":
+            written = write_spectra(self.adapters, entries, file)
+        else:
+            written = write_payload(self.adapters, entries, file, kind, q=q, canonical=canonical)
         sketch = time.perf_counter() - clock
         clock = time.perf_counter()
         part = self.client.upload(file, self.name)
@@ -68,6 +71,15 @@ class SiteShard:
             "chunks_skipped": self.client.traffic.chunks_skipped,
         }
         return part.SerializeToString(), stats
+
+    def upload_curves(self, modules: list[dict]) -> tuple[bytes, int]:
+        """Method auto, second round: download the bases, send this shard's curves; the part and bytes sent."""
+        bases = self.client.download(self.work / "bases.safetensors", state="CURVES")
+        file = self.work / f"{self.name}.curves.safetensors"
+        write_curves(self.adapters, [ModuleEntry(**m) for m in modules], bases, file)
+        sent = self.client.traffic.bytes_sent
+        part = self.client.upload(file, self.name)
+        return part.SerializeToString(), self.client.traffic.bytes_sent - sent
 
     def finish(self, options: dict, out_dir: str) -> dict:
         """Download the basis, fit this shard's coefficients, write its bundle and reverted adapters."""
@@ -107,7 +119,8 @@ def run_site(
     adapter_dirs: list[str | Path],
     out: str | Path,
     *,
-    upload: str = "moments",
+    method: str = "auto",
+    upload: str = "auto",
     sketch_rank: int = 0,
     canonicalize: bool = False,
     allow_factors: bool = False,
@@ -118,6 +131,8 @@ def run_site(
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors."""
+    if method == "auto" and upload not in ("auto", "spectra"):
+        raise RMMError(f"method auto uploads spectra (singular values and Gram roots); --upload {upload} is for method rmm-paper")
     if upload == "factors" and not allow_factors:
         raise RMMError("the 'factors' upload sends raw adapters to the coordinator; pass --allow-factors to opt in")
     out = Path(out)
@@ -136,7 +151,9 @@ def run_site(
     try:
         # The coordinator refuses a site whose canonicalisation differs from the federation's:
         # mixing canonical and raw factors would misalign positions across sites.
-        if upload == "auto":
+        if method == "auto":
+            upload = "spectra"
+        elif upload == "auto":
             upload, sketch_rank = _smallest_exact_upload(manifests)
         config = client.join(_site_manifest(manifests, upload, sketch_rank, canonicalize))
         on_stage(site_id, "upload")
@@ -145,12 +162,21 @@ def run_site(
         client.commit([pb.Part.FromString(part) for part, _ in results])
         on_stage(site_id, "wait")
         clock = time.perf_counter()
+        curves_sent = 0
+        if config["method"] == "auto":  # a second round: every site's error curves against the joint bases
+            status = client.wait(wait_timeout, ("CURVES", "DONE", "FAILED"))
+            if status.state != "CURVES":
+                raise RMMError(f"federation {federation_id} {status.state or 'did not open its second round'}: {status.message}")
+            on_stage(site_id, "curves")
+            curves = ray.get([h.upload_curves.remote(config["modules"]) for h in handles])
+            client.commit([pb.Part.FromString(part) for part, _ in curves])
+            curves_sent = sum(sent for _, sent in curves)
         status = client.wait(wait_timeout)
         seconds["wait"] = time.perf_counter() - clock
         if status.state != "DONE":
             raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
         on_stage(site_id, "revert")
-        options = {"method": "rmm-paper", "basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
+        options = {"method": config["method"], "basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
         finished = ray.get([h.finish.remote(options, str(out)) for h in handles])
         published = 0
         if publish_coefficients:
@@ -172,7 +198,7 @@ def run_site(
         "payload_bytes": sum(s["payload_bytes"] for s in stats),
         "payload_numbers": sum(s["payload_numbers"] for s in stats),
         "smallest_exact_numbers": sum(s["smallest_exact_numbers"] for s in stats),
-        "bytes_up": sum(s["bytes_sent"] for s in stats),
+        "bytes_up": sum(s["bytes_sent"] for s in stats) + curves_sent,
         "chunks_skipped": sum(s["chunks_skipped"] for s in stats),
         "bytes_down": sum(f["bytes_received"] for f in finished),
         "bytes_published": published,
