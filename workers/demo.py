@@ -21,13 +21,14 @@ from rmm.summary import inspect_bundle
 
 console = Console()
 
-# (column label, extra `rmm merge` arguments); "c" = --canonicalize
+# (column label, extra `rmm merge` arguments): the default method (auto) and the paper's RMM (c: canonicalised)
 SETTINGS = [
-    ("0.5", ["--storage-ratio", "0.5"]),
-    ("0.5 c", ["--storage-ratio", "0.5", "--canonicalize"]),
-    ("0.75 c", ["--storage-ratio", "0.75", "--canonicalize"]),
+    ("auto .25", ["--storage-ratio", "0.25"]),
+    ("auto .5", ["--storage-ratio", "0.5"]),
+    ("paper .5", ["--method", "rmm-paper", "--storage-ratio", "0.5"]),
+    ("paper .75 c", ["--storage-ratio", "0.75", "--canonicalize"]),
 ]
-FEDERATED = ("fed", ["--storage-ratio", "0.75", "--canonicalize"])  # the same budget as "0.75 c", over 3 sites
+FEDERATED = ("fed .5", ["--storage-ratio", "0.5"])  # the default merge of "auto .5", by 3 sites over gRPC
 SITES = 3
 
 
@@ -56,13 +57,14 @@ def run(out: Path) -> dict:
     report = json.loads((fed / "report.json").read_text())
     where = {t: Path(s["reverted"]) / t for s in report["sites"] for t in s["tasks"]}
     results[label] = {t: evaluate(examples.base_dir, where[t], t) for t in tasks}
-    same = max(_relative_difference(where[t], out / _slug("0.75 c") / "reverted" / t) for t in tasks)
-    summaries[label] = {**summaries["0.75 c"]}  # same budget, same basis: storage and p are the central run's
-    console.print(f"federated vs centralised '0.75 c': largest relative dW difference over all tasks and modules {same:.1e}", highlight=False)
+    same = max(_relative_difference(where[t], out / _slug("auto .5") / "reverted" / t) for t in tasks)
+    summaries[label] = {**summaries["auto .5"]}  # same budget, same plan: storage and allocation are the central run's
+    console.print(f"federated vs centralised 'auto .5': largest relative dW difference over all tasks and modules {same:.1e}", highlight=False)
 
     table = Table(
         title=f"held-out accuracy: {len(tasks)} tasks, original adapters vs reverted from bundles",
-        caption=f"columns: --storage-ratio R (c: --canonicalize); fed: '0.75 c' by {SITES} sites over gRPC; LoRA off: the task's head without its LoRA",
+        caption=f"columns: method and --storage-ratio (c: --canonicalize); fed: 'auto .5' by {SITES} sites over gRPC; "
+        "LoRA off: the task's head without its LoRA; stored as: modules truncated (t) / shared jointly (j), or basis size p",
     )
     table.add_column("task", no_wrap=True)
     for column in results:
@@ -72,13 +74,13 @@ def run(out: Path) -> dict:
     table.add_section()
     table.add_row("mean", *(f"{sum(r.values()) / len(r):.3f}" for r in results.values()))
     table.add_row("storage", "", "1", *(f"{s['storage']['ratio_counted']:.3f}" for s in summaries.values()))
-    table.add_row("p", "", "", *(str(s["p"]) for s in summaries.values()))
+    table.add_row("stored as", "", "", *(_stored_as(s) for s in summaries.values()))
     table.add_row("dW error", "", "0", *(f"{_mean_error(s):.3f}" for s in summaries.values()))
     console.print(table)
     record = {
         "accuracy": results,
         "storage": {k: s["storage"] for k, s in summaries.items()},
-        "p": {k: s["p"] for k, s in summaries.items()},
+        "allocation": {k: s["allocation"] for k, s in summaries.items()},
         "federated_vs_centralised_max_relative_dW_difference": same,
         "federation": {s["site"]: {k: s[k] for k in ("tasks", "bytes_up", "bytes_down", "lora_bytes", "seconds")} for s in report["sites"]},
     }
@@ -106,6 +108,11 @@ def _relative_difference(a: Path, b: Path) -> float:
 
 def _mean_error(summary: dict) -> float:
     return sum(t["mean_error"] for t in summary["tasks"].values()) / len(summary["tasks"])
+
+
+def _stored_as(summary: dict) -> str:
+    a = summary["allocation"]
+    return f"p={summary['p']}" if a["shared"] else f"{a['truncate']}t {a['joint']}j"
 
 
 def _slug(label: str) -> str:
