@@ -6,7 +6,8 @@ method). normalized = cand / orig; retained gain = (cand - base) / (orig - base)
 the method stores over the LoRA numbers of the T originals (heads excluded), counted from what the
 method wrote, at the originals' precision.
 
-    python -m benchmarks.quality.score few            # table + JSON + plot in benchmarks/results/
+    rmm bench quality few many hetero pt-svd          # tables + JSON + plots in benchmarks/results/,
+                                                      # and the summary table in the README
 
 Scores are cached per (suite, method, parameters, tool version) next to the suite, so a re-run only
 scores what changed.
@@ -33,6 +34,7 @@ RATIOS = (0.25, 0.375, 0.5)
 REVERSIBLE = ("auto", "truncate", "joint", "rmm-paper", "rmm-canonical")
 SINGLE = ("ta-factors", "ties-factors", "dare-factors", "ta-dw", "ties-dw", "dare-dw", "core-space-ta", "core-space-ties", "lore")
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def candidates() -> list[tuple[str, dict]]:
@@ -143,23 +145,71 @@ def _peft_svd(suite: Suite, out: Path) -> dict:
     return {"storage_ratio": lora_numbers(merged) / original}
 
 
-def main() -> None:
+def run_suites(names: list[str], work: Path, readme: Path | None = README) -> None:
+    """Build (or load) each suite, score every candidate, write its results; then the README summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
-    parser = argparse.ArgumentParser(description="score every method on quality suites")
-    parser.add_argument("suites", nargs="*", default=["few"], choices=SUITES)
-    parser.add_argument("--work", type=Path, default=Path(".cache/quality/work"))
-    args = parser.parse_args()
-    for name in args.suites:
+    for name in names:
         suite = build_suite(name)
         results = []
         for m, p in candidates():
             try:
-                results.append(score(suite, m, p, args.work))
+                results.append(score(suite, m, p, work))
             except RMMError as e:  # e.g. a storage ratio below what a method can reach: say so, go on
                 print(f"{name}: {m} {p}: skipped: {e}")
-        stem = write(table(suite, results), f"python -m benchmarks.quality.score {name}")
+        stem = write(table(suite, results), f"rmm bench quality {name}")
         print(stem.with_suffix(".md").read_text())
+    if readme is not None and readme.is_file():
+        text = readme.read_text()
+        updated = with_summary(text, summary())
+        if updated != text:
+            readme.write_text(updated)
+            print(f"updated the quality summary in {readme}")
+
+
+def summary() -> str:
+    """Markdown: average retained gain (storage) of the reversible methods and the best single merge,
+    per suite and storage ratio, from benchmarks/results/quality_*.json; the best of each row in bold."""
+    reports = {s: json.loads((RESULTS / f"quality_{s}.json").read_text()) for s in SUITES if (RESULTS / f"quality_{s}.json").is_file()}
+    methods = ["auto (default)", *REVERSIBLE[1:], "best single merge"]
+    lines = ["| suite | budget | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for suite, report in reports.items():
+        for ratio in RATIOS:
+            cells = [_at(report, m, ratio) for m in REVERSIBLE] + [_best_single(report)]
+            top = max(c[0] for c in cells if c is not None)
+            shown = ["-" if c is None else (f"**{c[0]:.3f}** ({c[1]:.2f})" if c[0] == top else f"{c[0]:.3f} ({c[1]:.2f})") for c in cells]
+            lines.append(f"| {suite} | {ratio} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _at(report: dict, method: str, ratio: float) -> tuple[float, float] | None:
+    rows = [r for r in report["rows"] if r["method"] == method and r["params"].get("storage_ratio") == ratio]
+    return (rows[0]["retained_gain"], rows[0]["storage_ratio"]) if rows else None
+
+
+def _best_single(report: dict) -> tuple[float, float] | None:
+    rows = [r for r in report["rows"] if r["kind"] == "single"]
+    top = max(rows, key=lambda r: r["retained_gain"], default=None)
+    return (top["retained_gain"], top["storage_ratio"]) if top else None
+
+
+START, END = "<!-- quality summary: rmm bench quality -->", "<!-- end of quality summary -->"
+
+
+def with_summary(text: str, table: str) -> str:
+    """`text` with the block between the README's summary markers replaced by `table`."""
+    if START not in text or END not in text:
+        return text
+    before, rest = text.split(START, 1)
+    return before + START + "\n" + table + rest[rest.index(END):]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="score every method on quality suites")
+    parser.add_argument("suites", nargs="*", default=["few"], choices=SUITES)
+    parser.add_argument("--work", type=Path, default=Path(".cache/quality/work"))
+    args = parser.parse_args(argv)
+    run_suites(args.suites, args.work)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""`rmm bench quality`: the quality benchmark, from a source checkout (it trains and caches its own
+adapters). Speed and memory: `make bench` (benchmarks/merge_speed.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(verbs) -> None:
+    bench = verbs.add_parser("bench", help="benchmarks: quality suites against every baseline")
+    bench_verbs = bench.add_subparsers(dest="bench_verb", required=True, metavar="VERB")
+    p = bench_verbs.add_parser("quality", help="build (once, cached) and score the quality suites; results in benchmarks/results/")
+    p.add_argument("suites", nargs="*", default=["few", "many", "hetero", "pt-svd"], metavar="SUITE", help="few, many, hetero, pt-svd (default: all)")
+    p.add_argument("--work", type=Path, default=Path(".cache/quality/work"), metavar="DIR", help="scratch space for candidates' outputs")
+    p.set_defaults(run=_quality)
+
+
+def _quality(args) -> int:
+    from benchmarks.quality.score import run_suites
+    from benchmarks.quality.suites import SUITES
+    from rmm.errors import RMMError
+
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        raise RMMError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    run_suites(args.suites, args.work)
+    return 0
