@@ -55,17 +55,21 @@ class Choice:
     errors: list[float]  # relative squared dW error per task, as planned
 
 
-def grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin square roots of sum_t dW_t dW_t^T and sum_t dW_t^T dW_t from canonical factors (T, out, r),
-    (T, r, in): W_out (out, q) and W_in (in, q) with W W^T equal to those sums; q <= T r.
+def stacked_roots(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of sum_t dW_t dW_t^T and sum_t dW_t^T dW_t from canonical factors (T, out, r),
+    (T, r, in): [U_1 S_1, .., U_T S_T] (out, T r) and [V_1 S_1, .., V_T S_T] (in, T r).
 
-    Roots of groups of tasks set side by side are a root of the whole set's sums: a federation's
-    sites send theirs. Nothing out x in is formed.
+    Roots of groups of tasks set side by side are a root of the whole set's sums. Nothing out x in
+    is formed.
     """
     root = singular_values(B).sqrt().unsqueeze(-2)  # B root = U_t S_t
-    cols = torch.cat(list(B * root), dim=1)  # (out, T r)
-    rows = torch.cat(list(A * root.mT), dim=0).mT  # (in, T r)
-    return _thin(cols), _thin(rows)
+    return torch.cat(list(B * root), dim=1), torch.cat(list(A * root.mT), dim=0).mT
+
+
+def grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same roots, pooled: W (side, q) with W W^T unchanged, q = min(side, T r), no column
+    belonging to one task. What a federation's site sends."""
+    return tuple(_thin(X) for X in stacked_roots(B, A))
 
 
 def _thin(X: torch.Tensor) -> torch.Tensor:
@@ -117,15 +121,19 @@ def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
     S = singular_values(B)
     energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)
     M = (U.mT @ B) @ (A @ V)  # (T, Ku, Kv); a smaller K keeps its top-left block
-    kept = [(M[:, : min(k, U.shape[1]), : min(k, V.shape[1])] ** 2).sum((-2, -1)) for k in range(max(U.shape[1], V.shape[1]) + 1)]
-    return (1 - torch.stack(kept, dim=1) / energy[:, None]).clamp_min(0)
+    ku, kv = U.shape[1], V.shape[1]
+    block = torch.zeros(B.shape[0], ku + 1, kv + 1, dtype=M.dtype)
+    block[:, 1:, 1:] = (M * M).cumsum(-1).cumsum(-2)  # block[:, i, j]: energy of the top-left i x j block
+    ks = torch.arange(max(ku, kv) + 1)
+    kept = block[:, ks.clamp(max=ku), ks.clamp(max=kv)]  # (T, K + 1)
+    return (1 - kept / energy[:, None]).clamp_min(0)
 
 
 def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
     """One module's error curves from all tasks' canonical factors (T, out, r), (T, r, in) and their
     own ranks, centrally. A federation computes the same from its sites' uploads (`rmm.payload`)."""
-    W_out, W_in = grams(B, A)
-    U, V = joint_bases([W_out], [W_in], joint_cap(B.shape[1], A.shape[2], ranks))
+    cols, rows = stacked_roots(B, A)
+    U, V = joint_bases([cols], [rows], joint_cap(B.shape[1], A.shape[2], ranks))
     return Curves(B.shape[1], A.shape[2], tuple(ranks), truncation_errors(singular_values(B)), joint_errors(B, A, U, V), (U.shape[1], V.shape[1]))
 
 

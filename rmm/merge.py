@@ -34,7 +34,7 @@ from rmm.bundle import (
     extras_file,
     read_manifest,
 )
-from rmm.allocate import Choice, Curves, allocate, curves, grams, joint_bases
+from rmm.allocate import Choice, Curves, allocate, curves, joint_bases, stacked_roots
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, sha256_file
@@ -258,8 +258,8 @@ def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: b
         own = [{"B": B[t][:, :k].to(dtype), "A": A[t][:k].mT.to(dtype)} for t, k in enumerate(mod.ranks[a.name] for a in adapters)]
     elif mod.method == "joint":
         if basis is None:
-            W_out, W_in = grams(B, A)
-            U, V = joint_bases([W_out], [W_in], max(mod.size))
+            cols, rows = stacked_roots(B, A)
+            U, V = joint_bases([cols], [rows], max(mod.size))
         else:
             with open_safetensors(basis) as f:
                 U, V = (read_tensor(f, basis, f"{mod.name}.{side}") for side in ("U", "V"))

@@ -46,3 +46,17 @@ def test_baseline_verb(adapters, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["storage_ratio"] == pytest.approx(0.5) and sorted(p.name for p in out.iterdir() if p.is_dir()) == [a.name for a in adapters]
     assert main(["baseline", "nope", *map(str, adapters), "--out", str(tmp_path / "n")]) == 2
+
+
+def test_default_merge_shows_its_allocation(adapters, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["merge", *map(str, adapters), "--out", str(bundle), "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert merged["options"]["method"] == "auto" and merged["storage"]["ratio_counted"] <= 0.5
+    assert sum(merged["allocation"].values()) == merged["modules_count"] and merged["allocation"]["shared"] == 0
+    assert merged["storage"]["ratio_counted"] == pytest.approx(merged["storage"]["ratio_formula"])
+    for row in merged["modules"].values():
+        assert row["stored"].startswith(("truncate", "joint")) and "dW" in row["energy"]
+    assert main(["inspect", str(bundle)]) == 0
+    shown = capsys.readouterr().err
+    assert "method auto" in shown and "stored as" in shown

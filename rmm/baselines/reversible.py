@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rmm.adapter import LoraAdapter, write_adapter
-from rmm.allocate import grams, joint_bases
+from rmm.allocate import joint_bases, stacked_roots
 from rmm.baselines import SUMMARY_FILE, register
 from rmm.bundle import MergeOptions
 from rmm.canonical import canonicalize
@@ -120,7 +120,7 @@ def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_rati
         else:
             K = max((k for k in range(T * r + 1) if cost(k) <= storage_ratio * original), default=0)
         Ku, Kv = sides(K)
-        U, V = joint_bases(*([W] for W in grams(B, A)), max(Ku, Kv))
+        U, V = joint_bases(*([X] for X in stacked_roots(B, A)), max(Ku, Kv))
         U, V = U[:, :Ku], V[:, :Kv]
         M = (U.T @ B) @ (A @ V)  # (T, Ku, Kv)
         err = relative_error(B, A, U @ M, V.T.expand(T, Kv, n_in))

@@ -1,0 +1,76 @@
+"""The allocator's error curves against dense dW, and its plans against the plain ones."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rmm.allocate import _joint, _truncate, allocate, curves, grams, joint_bases, joint_errors, stacked_roots, truncation_errors
+from rmm.canonical import canonicalize
+
+torch.set_num_threads(1)
+
+
+def _tasks(seed, T, n_out, n_in, r):
+    gen = torch.Generator().manual_seed(seed)
+    B = torch.randn(T, n_out, r, generator=gen, dtype=torch.float64)
+    A = torch.randn(T, r, n_in, generator=gen, dtype=torch.float64)
+    return canonicalize(B, A)
+
+
+shapes = st.tuples(st.integers(0, 10**6), st.integers(1, 5), st.integers(1, 24), st.integers(1, 24), st.integers(1, 6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_error_curves_are_the_dense_relative_errors(shape):
+    seed, T, n_out, n_in, r = shape
+    B, A = _tasks(seed, T, n_out, n_in, r)
+    dW = B @ A
+    energy = (dW * dW).sum((-2, -1))
+    S = torch.zeros(T, r, dtype=dW.dtype)  # dW's singular values, r of them (zeros past its rank)
+    S[:, : min(r, n_out, n_in)] = torch.linalg.svdvals(dW)[:, :r]
+    tail = torch.stack([(S[:, k:] ** 2).sum(-1) for k in range(r + 1)], 1) / energy[:, None]
+    torch.testing.assert_close(truncation_errors((B * B).sum(-2)), tail)
+    U, V = joint_bases(*([X] for X in stacked_roots(B, A)), cap=max(n_out, n_in))
+    for k in range(max(U.shape[1], V.shape[1]) + 1):
+        Uk, Vk = U[:, :k], V[:, :k]
+        dense = ((dW - Uk @ (Uk.T @ dW @ Vk) @ Vk.T) ** 2).sum((-2, -1)) / energy
+        torch.testing.assert_close(joint_errors(B, A, U, V)[:, k], dense, atol=1e-9, rtol=1e-7)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes)
+def test_pooled_roots_give_the_same_bases_as_the_stacked_ones(shape):
+    seed, T, n_out, n_in, r = shape
+    B, A = _tasks(seed, T, n_out, n_in, r)
+    split = max(1, T // 2)
+    pooled = [grams(B[:split], A[:split]), grams(B[split:], A[split:])] if T > 1 else [grams(B, A)]
+    U1, V1 = joint_bases([p[0] for p in pooled], [p[1] for p in pooled], cap=64)
+    U2, V2 = joint_bases(*([X] for X in stacked_roots(B, A)), cap=64)
+    # Same projectors wherever the spectrum separates them: compare the errors they give.
+    torch.testing.assert_close(joint_errors(B, A, U1, V1), joint_errors(B, A, U2, V2), atol=1e-8, rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.floats(0.05, 1.0))
+def test_the_plan_fits_the_budget_and_beats_the_plain_plans(seed, ratio):
+    gen = torch.Generator().manual_seed(seed)
+    modules, whole = [], 0
+    for n_out, n_in, r in ((16, 16, 4), (32, 16, 4), (16, 48, 2)):
+        ranks = torch.randint(1, r + 1, (4,), generator=gen).tolist()
+        B, A = _tasks(seed + n_out + n_in, 4, n_out, n_in, r)
+        mask = (torch.arange(r)[None, :] < torch.tensor(ranks)[:, None]).double()
+        B, A = canonicalize(B * mask[:, None, :], A * mask[:, :, None])  # task t of rank ranks[t]
+        modules.append(curves(B, A, ranks))
+        whole += sum(ranks) * (n_out + n_in)
+    plan = allocate(modules, ratio * whole)
+    assert sum(c.cost for c in plan) <= ratio * whole
+
+    def objective(p):
+        return sum((m.n_out + m.n_in) * sum(c.errors) for m, c in zip(modules, p))
+
+    for plain in ([_truncate(m, ratio) for m in modules], [_joint(m, ratio) for m in modules]):
+        if sum(c.cost for c in plain) <= ratio * whole:
+            assert objective(plan) <= objective(plain) + 1e-12
+    if ratio == 1.0:
+        assert objective(plan) < 1e-12
