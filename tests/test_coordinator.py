@@ -24,8 +24,8 @@ from protos.rmm.v1 import federation_pb2 as pb, federation_pb2_grpc as pb_grpc
 from rmm.adapter import open_adapter
 from rmm.bundle import MergeOptions
 from rmm.errors import RMMError
-from rmm.merge import module_specs, numbers_original, plan_modules
-from rmm.payload import aggregate, write_payload
+from rmm.merge import merge, module_specs, numbers_original, plan_modules
+from rmm.payload import aggregate, write_curves, write_payload, write_spectra
 
 CHUNK = 8 * 1024  # small chunks, so every part spans several
 SHARDS = {"a": ("moments", [0]), "b": ("sketch", [1, 2]), "c": ("factors", [3, 4])}  # uneven, every kind
@@ -335,3 +335,69 @@ def test_deadline_closes_with_or_without_quorum(world, tmp_path):
     assert failed.state == "FAILED"
     assert failed.message == "deadline passed: 1 of min_sites=2 sites committed (b, c missing)"
     assert late.code() == Code.FAILED_PRECONDITION and "no more joins" in late.details()
+
+
+def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, world, tmp_path):
+    """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
+    a coordinator restart between the two sites' curves."""
+    opened = [open_adapter(p) for p in adapters]
+    shards = {"a": opened[:2], "b": opened[2:]}
+    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    config = coordinator_config(tmp_path / "state", fed)
+    spectra, manifests = {}, {}
+    for site, shard in shards.items():
+        spectra[site] = tmp_path / f"{site}.safetensors"
+        write_spectra(shard, world.specs, spectra[site])
+        manifests[site] = pb.SiteManifest(
+            base_model=world.base_model, modules=world.sites["a"].manifest.modules, tasks=[a.name for a in shard],
+            upload_kind="spectra", lora_numbers=numbers_original(shard), tool_version="test",
+        )
+
+    async def commit(stub, site, file):
+        part = await upload(stub, "fed", site, file)
+        await stub.Commit(pb.CommitRequest(federation_id="fed", site_id=site, parts=[part]), metadata=auth(site), timeout=30)
+
+    async def curves_of(stub, site):
+        bases = tmp_path / f"bases-{site}.safetensors"
+        bases.write_bytes(await download(stub, site))
+        file = tmp_path / f"curves-{site}.safetensors"
+        write_curves(shards[site], world.specs, bases, file)
+        return file
+
+    async def main():
+        async with serving(config) as (stub, _, _):
+            for site in "ab":
+                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifests[site]), metadata=auth(site), timeout=10)
+            wrong = world.sites["a"].manifest
+            with pytest.raises(grpc.aio.AioRpcError, match="method auto, whose sites upload 'spectra'"):
+                await stub.Join(pb.JoinRequest(federation_id="fed", site_id="a", manifest=wrong), metadata=auth("a"), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError, match="FAILED_PRECONDITION|not DONE"):
+                await download(stub, "a")  # nothing to download while OPEN
+            for site in "ab":
+                await commit(stub, site, spectra[site])
+            curves_state = await status(stub, "a", wait=30)
+            # Round 2: a's spectra again are "the same commit"; spectra as curves are refused.
+            await commit(stub, "a", spectra["a"])
+            with pytest.raises(grpc.aio.AioRpcError, match="this upload takes 'curves'"):
+                await commit(stub, "a", spectra["b"])
+            await commit(stub, "a", await curves_of(stub, "a"))
+            waiting = await status(stub, "a", wait=0.5)  # a's curves are in: it waits for b
+        async with serving(config) as (stub, _, _):  # restarted between the two sites' curves
+            resumed = await status(stub, "b")
+            await commit(stub, "b", await curves_of(stub, "b"))
+            done = await status(stub, "b", wait=30)
+            basis = await download(stub, "a")
+        return curves_state, waiting, resumed, done, basis
+
+    curves_state, waiting, resumed, done, basis = asyncio.run(main())
+    assert curves_state.state == "CURVES" and waiting.state == "CURVES" and resumed.state == "CURVES", curves_state.message
+    assert "waiting for the curves of b" in resumed.message
+    assert done.state == "DONE", done.message
+    (tmp_path / "basis.safetensors").write_bytes(basis)
+    central = merge(adapters, tmp_path / "central", MergeOptions(storage_ratio=0.6), progress=False)
+    for i, shard in shards.items():
+        site = merge([a.path for a in shard], tmp_path / f"site-{i}", MergeOptions(storage_ratio=0.6), basis=tmp_path / "basis.safetensors", progress=False)
+        for a in shard:
+            for name, err in site.report.errors[a.name].items():
+                assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6)
+    assert [m.method for m in site.modules] == [m.method for m in central.modules]
