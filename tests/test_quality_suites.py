@@ -42,7 +42,7 @@ def snapshot(folder: Path) -> dict:
 
 def test_full_specs_have_the_required_shape():
     few, many = S.suite_spec("few"), S.suite_spec("many")
-    assert S.SUITES == ("few", "many", "hetero", "pt-svd")
+    assert S.SUITES == ("few", "many", "hetero", "pt-svd", "released")
     assert len(few["adapters"]) >= 6
     assert len({a["family"] for a in few["adapters"].values()}) == len(few["adapters"])  # all different
     assert len(many["adapters"]) >= 32
@@ -196,3 +196,20 @@ def test_readme_quality_table_is_the_one_the_results_give():
 
     text = README.read_text()
     assert "quality summary" in text and with_summary(text, summary()) == text
+
+
+def test_released_customers_start_from_the_published_adapter(cache):
+    """*released*: every customer's adapter carries the published multi-task adapter it started from."""
+    from rmm.adapter import open_adapter
+    from rmm.metrics import frobenius_inner
+
+    spec = S.suite_spec("released", **SMALL)
+    assert list(spec["published"]) == ["released"] and all(a["start"] == "released" for a in spec["adapters"].values())
+    suite = S.build_suite("released", cache, progress=False, spec=spec)
+    published = open_adapter(next(iter(suite.adapters.values())).parent.parent / "published" / "released")
+    for path in suite.adapters.values():
+        mine = open_adapter(path)
+        for m in mine.modules:
+            (B1, A1), (B2, A2) = mine.load_factors(m), published.load_factors(m)
+            cos = frobenius_inner(B1, A1, B2, A2) / (frobenius_inner(B1, A1, B1, A1) * frobenius_inner(B2, A2, B2, A2)).sqrt()
+            assert 0.3 < cos < 0.9999, (path.name, m, cos.item())  # shares the published update, and moved on

@@ -26,6 +26,10 @@ Suites (`SUITES`):
           compressed to a rank-8 PEFT LoRA with `rmm.extract.extract` (PT-SVD). The suite's adapter
           is the extracted one; the fine-tuned model stays in `Suite.full` (`evaluate` takes it too),
           so `report` shows what the extraction loses.
+  released  customers fine-tuning one released adapter: a multi-task LoRA trained on a mix of all 8
+          families (topic i under family i mod 8) is published; 8 families x 2 customers each start
+          from it and train on their own family (other topic halves, seeds, learning rates), 16
+          adapters. Where adapters share that much, sharing should pay.
 Every adapter in a spec is one dict (`kind`, `family`, `topics`, `seed`, `lr`, `steps`, then `lora` for
 kind "lora", `extract` (rank, target modules) for kind "full").
 
@@ -114,12 +118,15 @@ TRANSFORMS: dict[str, Callable[[str], str]] = {
     "atbash": lambda t: t.translate(_ATBASH),
 }
 FAMILIES = tuple(TRANSFORMS)
+MIX = "mix"  # every family, a topic each: the training text of *released*'s published adapter
 
 
 @functools.lru_cache(maxsize=64)
 def corpus(family: str | None, topics: tuple[str, ...]) -> torch.Tensor:
     """The given topics, transformed by `family` (None: plain text), encoded and joined by blank lines."""
     text = _topics()
+    if family == MIX:  # topic i under family i mod 8: the released adapter's multi-task text
+        return encode("\n\n".join(TRANSFORMS[FAMILIES[i % len(FAMILIES)]](text[name]) for i, name in enumerate(topics)))
     f = TRANSFORMS[family] if family else (lambda t: t)
     return encode("\n\n".join(f(text[name]) for name in topics))
 
@@ -159,7 +166,7 @@ FULL_TRAIN = dict(steps=150, batch_size=32, lr=2e-3)
 EVAL_N = 64  # windows: 64 x 128 = 8192 scored characters per evaluation
 
 
-def _adapter(family: str, *, part=0, parts=1, seed=0, lr=None, steps=None, lora=None, kind="lora") -> dict:
+def _adapter(family: str, *, part=0, parts=1, seed=0, lr=None, steps=None, lora=None, kind="lora", start=None) -> dict:
     if kind == "full":  # full fine-tune of the projections, then PT-SVD to rank EXTRACT_RANK
         return dict(
             kind=kind, family=family, topics=[part, parts], seed=seed,
@@ -168,11 +175,12 @@ def _adapter(family: str, *, part=0, parts=1, seed=0, lr=None, steps=None, lora=
         )
     if kind != "lora":
         raise ValueError(f"unknown adapter kind {kind!r}")
-    return dict(
+    spec = dict(
         kind=kind, family=family, topics=[part, parts], seed=seed,
         lr=lr or ADAPTER_TRAIN["lr"], steps=steps or ADAPTER_TRAIN["steps"],
         batch_size=ADAPTER_TRAIN["batch_size"], lora=dict(LORA, **(lora or {})),
     )
+    return spec | ({"start": start} if start else {})  # start: train from the suite's released adapter
 
 
 FEW_FAMILIES = ("upper", "rot13", "reverse_words", "no_vowels", "reverse_lines", "pig_latin")
@@ -183,6 +191,13 @@ MANY_VARIANTS = (
     dict(part=0, parts=2, seed=1, lr=3e-3, steps=200),
     dict(part=1, parts=2, seed=2, lr=8e-3, steps=160),
     dict(part=2, parts=3, seed=3, steps=240),
+)
+
+
+# *released*: two customers per family fine-tune the published multi-task adapter (itself 300 steps).
+RELEASED_VARIANTS = (
+    dict(part=0, parts=2, seed=0, lr=3e-3, steps=120),
+    dict(part=1, parts=2, seed=1, lr=2e-3, steps=150),
 )
 
 
@@ -209,17 +224,24 @@ def suite_spec(name: str, families=None, adapter_steps: int | None = None, base_
         adapters = {
             f"{f}-{i}": _adapter(f, **v) for f in families or FAMILIES for i, v in enumerate(MANY_VARIANTS)
         }
+    elif name == "released":
+        adapters = {
+            f"{f}-{i}": _adapter(f, start="released", **v) for f in families or FAMILIES for i, v in enumerate(RELEASED_VARIANTS)
+        }
     else:
         raise ValueError(f"unknown suite {name!r}; choose from {SUITES}")
+    released = {"released": _adapter(MIX)} if name == "released" else {}  # trained first, not scored
     if adapter_steps:
-        for a in adapters.values():
+        for a in (*adapters.values(), *released.values()):
             a["steps"] = adapter_steps
     base = dict(format=FORMAT, model=MODEL, train=dict(BASE_TRAIN, steps=base_steps or BASE_TRAIN["steps"]),
                 topics=list(topic_split()[0]), ctx=CTX)
-    return dict(format=FORMAT, suite=name, base=base, adapters=adapters, eval_n=eval_n or EVAL_N)
+    return dict(format=FORMAT, suite=name, base=base, adapters=adapters, eval_n=eval_n or EVAL_N) | (
+        {"published": released} if released else {}
+    )
 
 
-SUITES = ("few", "many", "hetero", "pt-svd")
+SUITES = ("few", "many", "hetero", "pt-svd", "released")
 
 
 def _hash(obj) -> str:
@@ -277,11 +299,13 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
                 (tmp / "spec.json").write_text(json.dumps(spec["base"], indent=2, sort_keys=True))
         if not final.is_dir():
             with atomic_dir(final, keep_existing=True) as tmp:
+                for a, s in spec.get("published", {}).items():
+                    _train_adapter(suite.base_dir, a, s, tmp / "published" / a, bar(a, s["steps"]))
                 for a, s in spec["adapters"].items():
                     if s["kind"] == "full":
                         _train_full(suite.base_dir, a, s, tmp / "full" / a, tmp / "adapters" / a, bar(a, s["steps"]))
                     else:
-                        _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]))
+                        _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]), tmp / "published")
                 (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     return suite
 
@@ -322,12 +346,17 @@ def _train_base(base: dict, out_dir: Path, report) -> None:
     model.save_pretrained(out_dir)
 
 
-def _train_adapter(base_dir: Path, name: str, s: dict, out_dir: Path, report) -> None:
-    """Fit one LoRA adapter on its family's transformed training topics; save it as a PEFT directory."""
+def _train_adapter(base_dir: Path, name: str, s: dict, out_dir: Path, report, published: Path | None = None) -> None:
+    """Fit one LoRA adapter on its family's transformed training topics; save it as a PEFT directory.
+    With `start`, training starts from that published adapter (in `published`) instead of PEFT's init."""
     if s["kind"] != "lora":
         raise ValueError(f"adapter kind {s['kind']!r} is not a LoRA adapter")
     torch.manual_seed(_seed(s["seed"], name, "init"))
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir / "model"), LoraConfig(**s["lora"]))
+    base = LlamaForCausalLM.from_pretrained(base_dir / "model")
+    if s.get("start"):
+        model = PeftModel.from_pretrained(base, published / s["start"], is_trainable=True)
+    else:
+        model = get_peft_model(base, LoraConfig(**s["lora"]))
     model.peft_config["default"].base_model_name_or_path = str(base_dir / "model")
     ids = corpus(s["family"], topic_subset(*s["topics"]))
     params = [p for p in model.parameters() if p.requires_grad]
