@@ -1,22 +1,27 @@
 """The storage allocator of `rmm merge` (method "auto"): one global budget, spent module by module on
 per-task rank truncation or on joint sharing, wherever it removes the most dW error.
 
-For every module two families of options, each with an exact, data-free error curve:
+For every module three families of options, each with an exact, data-free error curve:
 
 * truncation: task t keeps the top k_t directions of its canonical factors (B = U sqrt(S),
   A = sqrt(S) V^T); its relative squared dW error is the singular energy it drops; k_t (out + in) numbers;
 * joint sharing of size K: U (out x K) and V (in x K) shared by all tasks plus a K x K core per task,
   dW_t ~= U (U^T dW_t V) V^T; relative squared error 1 - ||U^T dW_t V||^2 / ||dW_t||^2 (an orthogonal
-  projection); K out + K in + T K^2 numbers (each side capped at what it can hold).
+  projection); K out + K in + T K^2 numbers (each side capped at what it can hold);
+* per-position sharing of size p (the paper's RMM, on the raw factors): every row of B and column of
+  A keeps the tasks' mean and top-p basis, each task p coefficients per position; the dW error of
+  the rebuilt factors; (out + in)(r + p (r + T)) numbers. Raw factors line up across tasks when the
+  adapters share an ancestry (one released adapter, one seed); then this is the cheapest sharing.
 
 The objective is the sum over tasks and modules of (out + in) x relative squared error: a module counts
 in proportion to the numbers it holds, so modules with alike spectra keep alike ranks (plain truncation)
 and budget moves only where a spectrum says it buys more. (Counting every module alike starved the wide
 MLP modules and lost accuracy to plain truncation on every quality suite.) A price per stored number (a
 Lagrange multiplier) is bisected until the cheapest plan at that price fits the budget. The price can
-miss the best plan where a curve is not convex, so the two plain plans at the same storage ratio (every
-task truncated to that share of its rank; every module jointly shared at that share of its numbers) are
-candidates too, and the plan with the smallest objective wins: never worse than either on its own.
+miss the best plan where a curve is not convex, so the three plain plans at the same storage ratio
+(every task truncated to that share of its rank; every module jointly shared at that share of its
+numbers; the paper's RMM with the largest p that fits) are candidates too, and the plan with the
+smallest objective wins: never worse than any of them on its own.
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ from typing import Literal
 
 import torch
 
+from rmm.canonical import canonicalize
+from rmm.metrics import relative_error
+from rmm.solver import Basis, Moments, coefficients, reconstruct, solve
+
 
 @dataclass(frozen=True)
 class Curves:
-    """One module's options: relative squared dW error per task of every truncation rank and joint size."""
+    """One module's options: relative squared dW error per task of every truncation rank, joint size
+    and per-position basis size."""
 
     n_out: int
     n_in: int
@@ -38,21 +48,31 @@ class Curves:
     trunc: torch.Tensor  # (T, r + 1): error of keeping the top k directions, k = 0..r
     joint: torch.Tensor  # (T, K + 1): error of sharing K directions, K = 0..max(Ku, Kv)
     sides: tuple[int, int]  # how many directions each side can hold: (Ku, Kv)
+    shared: torch.Tensor  # (T, p + 1): error of per-position bases of size p = 0..min(r, T - 1)
+
+    @property
+    def rank(self) -> int:  # the module's padded rank r
+        return self.trunc.shape[1] - 1
 
     def joint_cost(self, K: torch.Tensor) -> torch.Tensor:
         ku, kv = K.clamp(max=self.sides[0]), K.clamp(max=self.sides[1])
         return ku * self.n_out + kv * self.n_in + self.trunc.shape[0] * ku * kv
 
+    def shared_cost(self, p: torch.Tensor) -> torch.Tensor:
+        return (self.n_out + self.n_in) * (self.rank + p * (self.rank + self.trunc.shape[0]))
+
 
 @dataclass(frozen=True)
 class Choice:
-    """What one module keeps: per-task ranks ("truncate") or a joint size (Ku, Kv) ("joint")."""
+    """What one module keeps: per-task ranks ("truncate"), a joint size (Ku, Kv) ("joint") or a
+    per-position basis size p ("shared")."""
 
-    kind: Literal["truncate", "joint"]
+    kind: Literal["truncate", "joint", "shared"]
     ranks: list[int]  # truncate: one rank per task
     size: tuple[int, int]  # joint: (Ku, Kv)
     cost: int  # numbers stored
     errors: list[float]  # relative squared dW error per task, as planned
+    p: int = 0  # shared: the basis size
 
 
 def stacked_roots(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +149,33 @@ def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
     return (1 - kept / energy[:, None]).clamp_min(0)
 
 
+def shared_errors(B: torch.Tensor, A: torch.Tensor, bases: tuple[Basis, Basis]) -> torch.Tensor:
+    """(T, p + 1): each task's relative squared dW error when every position of its raw factors
+    (T, out, r), (T, r, in) keeps the mean and the top p of the per-position bases (of B's rows,
+    A's columns), p = 0..the bases' size."""
+    X = (B, A.mT)
+    C = [coefficients(b.mean, b.vectors, x) for b, x in zip(bases, X)]
+    errors = []
+    for p in range(bases[0].p + 1):
+        B_hat, A_hat = (reconstruct(b.mean, b.vectors[..., :p], c[..., :p]) for b, c in zip(bases, C))
+        errors.append(relative_error(B, A, B_hat, A_hat.mT) ** 2)
+    return torch.stack(errors, dim=1)
+
+
+def position_bases(B: torch.Tensor, A: torch.Tensor) -> tuple[Basis, Basis]:
+    """The per-position bases of raw factors (T, out, r), (T, r, in), at their largest useful size."""
+    p = min(B.shape[2], B.shape[0] - 1)
+    return solve(Moments.of(B), p), solve(Moments.of(A.mT), p)
+
+
 def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
-    """One module's error curves from all tasks' canonical factors (T, out, r), (T, r, in) and their
-    own ranks, centrally. A federation computes the same from its sites' uploads (`rmm.payload`)."""
+    """One module's error curves, centrally, from all tasks' raw factors (T, out, r), (T, r, in) and
+    their own ranks. A federation computes the same from its sites' uploads (`rmm.payload`)."""
+    shared = shared_errors(B, A, position_bases(B, A))
+    B, A = canonicalize(B, A)
     cols, rows = stacked_roots(B, A)
     U, V = joint_bases([cols], [rows], joint_cap(B.shape[1], A.shape[2], ranks))
-    return Curves(B.shape[1], A.shape[2], tuple(ranks), truncation_errors(singular_values(B)), joint_errors(B, A, U, V), (U.shape[1], V.shape[1]))
+    return Curves(B.shape[1], A.shape[2], tuple(ranks), truncation_errors(singular_values(B)), joint_errors(B, A, U, V), (U.shape[1], V.shape[1]), shared)
 
 
 def allocate(modules: list[Curves], budget: float) -> list[Choice]:
@@ -146,7 +187,7 @@ def allocate(modules: list[Curves], budget: float) -> list[Choice]:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _cost(modules, mid) > budget else (lo, mid)
     ratio = budget / sum(sum(c.ranks) * (c.n_out + c.n_in) for c in modules)
-    plans = [[_choose(c, hi) for c in modules], [_truncate(c, ratio) for c in modules], [_joint(c, ratio) for c in modules]]
+    plans = [[_choose(c, hi) for c in modules], [_truncate(c, ratio) for c in modules], [_joint(c, ratio) for c in modules], _paper(modules, budget)]
     fitting = [p for p in plans if sum(ch.cost for ch in p) <= budget]
     return min(fitting, key=lambda p: sum((c.n_out + c.n_in) * sum(ch.errors) for c, ch in zip(modules, p)))
 
@@ -170,8 +211,22 @@ def _joint(c: Curves, ratio: float) -> Choice:
     return Choice("joint", [], (min(K, c.sides[0]), min(K, c.sides[1])), int(c.joint_cost(sizes[K])), c.joint[:, K].tolist())
 
 
+def _paper(modules: list[Curves], budget: float) -> list[Choice]:
+    """The paper's RMM: one p for every module (capped by what each can use), the largest that fits."""
+    for p in range(max(c.shared.shape[1] for c in modules) - 1, -1, -1):
+        plan = [_shared(c, min(p, c.shared.shape[1] - 1)) for c in modules]
+        if sum(ch.cost for ch in plan) <= budget:
+            return plan
+    return plan  # the means alone; refused by `allocate` if over the budget
+
+
+def _shared(c: Curves, p: int) -> Choice:
+    return Choice("shared", [], (0, 0), int(c.shared_cost(torch.tensor(p))), c.shared[:, p].tolist(), p)
+
+
 def _choose(c: Curves, price: float) -> Choice:
-    """The cheaper of per-task truncation and the best joint size at `price` per stored number.
+    """The cheapest of per-task truncation, the best joint size and the best per-position basis size
+    at `price` per stored number.
 
     The error curves are relative, so in numbers each error weighs (out + in): the price per
     direction of truncation, (out + in) x price, and the module's weight cancel to `price`.
@@ -185,7 +240,12 @@ def _choose(c: Curves, price: float) -> Choice:
     joint_cost = c.joint_cost(sizes)
     objective = n * c.joint.sum(0) + price * joint_cost
     K = int(objective.argmin())
-    if n * trunc_err.sum() + price * trunc_cost <= objective[K]:
+    ps = torch.arange(c.shared.shape[1])
+    shared = n * c.shared.sum(0) + price * c.shared_cost(ps)
+    p = int(shared.argmin())
+    best = min(n * trunc_err.sum() + price * trunc_cost, objective[K], shared[p])
+    if n * trunc_err.sum() + price * trunc_cost == best:
         return Choice("truncate", ks.tolist(), (0, 0), trunc_cost, trunc_err.tolist())
-    size = (min(K, c.sides[0]), min(K, c.sides[1]))
-    return Choice("joint", [], size, int(joint_cost[K]), c.joint[:, K].tolist())
+    if objective[K] == best:
+        return Choice("joint", [], (min(K, c.sides[0]), min(K, c.sides[1])), int(joint_cost[K]), c.joint[:, K].tolist())
+    return _shared(c, p)

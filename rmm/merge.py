@@ -294,7 +294,7 @@ def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: b
 def allocate_modules(adapters: list[LoraAdapter], specs: list[ModuleEntry], budget: float, progress: bool) -> list[ModuleEntry]:
     """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers."""
     def curves_of(mod: ModuleEntry) -> Curves:
-        return curves(*stack_factors(adapters, mod, canonical=True), [a.modules[mod.name].rank for a in adapters])
+        return curves(*stack_factors(adapters, mod, canonical=False), [a.modules[mod.name].rank for a in adapters])
 
     found = list(track(_in_order(curves_of, specs), total=len(specs), description="sizing modules", disable=not progress, transient=True))
     return planned_modules(specs, allocate(found, budget), [a.name for a in adapters])
@@ -302,10 +302,12 @@ def allocate_modules(adapters: list[LoraAdapter], specs: list[ModuleEntry], budg
 
 def planned_modules(specs: list[ModuleEntry], plan: list[Choice], tasks: list[str]) -> list[ModuleEntry]:
     """The module entries of an allocation (`rmm.allocate.allocate`) for `tasks`, in their order."""
-    return [
-        m.model_copy(update={"method": c.kind, "ranks": dict(zip(tasks, c.ranks))} if c.kind == "truncate" else {"method": c.kind, "size": c.size})
-        for m, c in zip(specs, plan)
-    ]
+    how = {
+        "truncate": lambda c: {"ranks": dict(zip(tasks, c.ranks))},
+        "joint": lambda c: {"size": c.size},
+        "shared": lambda c: {"p": c.p},
+    }
+    return [m.model_copy(update={"method": c.kind, **how[c.kind](c)}) for m, c in zip(specs, plan)]
 
 
 def _in_order(solve_one, modules: list[ModuleEntry]):

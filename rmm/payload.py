@@ -29,9 +29,10 @@ from rmm.adapter import LoraAdapter
 from rmm.bundle import BASIS_FILE, FACTORS, ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, open_safetensors, read_tensor
-from rmm.allocate import Curves, allocate, grams, joint_bases, joint_cap, joint_errors, singular_values, truncation_errors
+from rmm.allocate import Curves, allocate, grams, joint_bases, joint_cap, joint_errors, shared_errors, singular_values, truncation_errors
+from rmm.canonical import canonicalize
 from rmm.merge import PLAN, basis_specs, planned_modules, stack_factors
-from rmm.solver import Moments, solve
+from rmm.solver import Basis, Moments, solve
 
 Kind = Literal["moments", "sketch", "factors"]
 KINDS = ("moments", "sketch", "factors")
@@ -154,12 +155,14 @@ def _decode(kind: str, n: int, r: int, get) -> Moments:
 # --- method "auto": the allocator in two rounds --------------------------------------------------
 #
 # Round 1, `spectra` (per module): every task's singular values `S` (n, r) and own rank `ranks` (n,),
-# and the site's Gram roots `W_out` (out, q), `W_in` (in, q) (`rmm.allocate.grams`, q = min(side, n r)),
-# float64. The coordinator sets all sites' roots side by side and writes the joint bases (`bases`).
-# Round 2, `curves` (per module): every task's joint error curve `joint` (n, K + 1) against those bases.
-# The coordinator then allocates exactly as `rmm merge` does (`write_plan`): the final basis file holds
-# the joint modules' U and V and, in its metadata, the plan. Truncation stays local: each site cuts its
-# own tasks to the ranks the plan gives them. Task names travel in each payload's metadata.
+# the site's Gram roots `W_out` (out, q), `W_in` (in, q) (`rmm.allocate.grams`, q = min(side, n r)),
+# and the moments of its raw factors `B.s1`, `B.s2`, `A.s1`, `A.s2` (as the `moments` kind), float64.
+# The coordinator sets all sites' roots side by side and sums the moments: the joint bases U, V and the
+# per-position bases (`bases`). Round 2, `curves` (per module): every task's error curves against
+# those bases, `joint` (n, K + 1) and `shared` (n, p + 1). The coordinator then allocates exactly as
+# `rmm merge` does (`write_plan`): the final basis file holds what the plan shares (U and V of joint
+# modules, mean and basis of per-position ones) and, in its metadata, the plan. Truncation stays local:
+# each site cuts its own tasks to the ranks the plan gives them. Task names travel in each payload's metadata.
 
 
 def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file: Path) -> StreamingWriter:
@@ -171,22 +174,30 @@ def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file:
         specs[f"{m.name}.ranks"] = (torch.int64, (n,))
         specs[f"{m.name}.W_out"] = (torch.float64, (m.out_features, min(m.out_features, n * m.rank)))
         specs[f"{m.name}.W_in"] = (torch.float64, (m.in_features, min(m.in_features, n * m.rank)))
+        for f, P in zip(FACTORS, (m.out_features, m.in_features)):
+            specs[f"{m.name}.{f}.s1"] = (torch.float64, (P, m.rank))
+            specs[f"{m.name}.{f}.s2"] = (torch.float64, (P, m.rank * (m.rank + 1) // 2))
     writer = StreamingWriter(file, specs, {"kind": "spectra", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
     for m in modules:
-        B, A = stack_factors(adapters, m, canonical=True)
+        raw = stack_factors(adapters, m, canonical=False)
+        B, A = canonicalize(*raw)
         W_out, W_in = grams(B, A)
         writer.write(f"{m.name}.S", singular_values(B))
         writer.write(f"{m.name}.ranks", torch.tensor([a.modules[m.name].rank for a in adapters], dtype=torch.int64))
         writer.write(f"{m.name}.W_out", W_out.contiguous())
         writer.write(f"{m.name}.W_in", W_in.contiguous())
+        for f, X in zip(FACTORS, (raw[0], raw[1].mT)):
+            for suffix, tensor in _encode(X, "moments", None):
+                writer.write(f"{m.name}.{f}.{suffix}", tensor.contiguous())
     writer.close()
     return writer
 
 
 def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> None:
-    """The coordinator, after round 1: every module's joint bases U, V (float64) from the sites' roots."""
+    """The coordinator, after round 1: every module's joint bases U, V from the sites' roots and its
+    per-position bases (mean and basis per factor, p = min(r, T - 1)) from their summed moments; float64."""
     tasks = [t for p in spectra for t in payload_tasks(p)]
-    caps = {}
+    T, caps = len(tasks), {}
     with ExitStack() as stack:
         files = [stack.enter_context(open_safetensors(p)) for p in spectra]
         shapes = {}
@@ -194,13 +205,23 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
             ranks = torch.cat([read_tensor(f, p, f"{m.name}.ranks") for f, p in zip(files, spectra)]).tolist()
             caps[m.name] = joint_cap(m.out_features, m.in_features, ranks)
             for side, size in (("U", m.out_features), ("V", m.in_features)):
-                shapes[f"{m.name}.{side}"] = (torch.float64, (size, min(caps[m.name], size, len(tasks) * m.rank)))
+                shapes[f"{m.name}.{side}"] = (torch.float64, (size, min(caps[m.name], size, T * m.rank)))
+            shapes |= basis_specs([m.model_copy(update={"method": "shared", "p": min(m.rank, T - 1)})], torch.float64)
         writer = StreamingWriter(file, shapes, {"kind": "bases", "tasks": json.dumps(tasks)})
         for m in modules:
             roots = {side: [read_tensor(f, p, f"{m.name}.{side}").double() for f, p in zip(files, spectra)] for side in ("W_out", "W_in")}
             U, V = joint_bases(roots["W_out"], roots["W_in"], caps[m.name])
             writer.write(f"{m.name}.U", U.contiguous())
             writer.write(f"{m.name}.V", V.contiguous())
+            for factor in FACTORS:
+                total = None
+                for f, p in zip(files, spectra):
+                    n = len(payload_tasks(p))
+                    part = _decode("moments", n, m.rank, lambda suffix: read_tensor(f, p, f"{m.name}.{factor}.{suffix}").double())  # noqa: B023
+                    total = part if total is None else total + part
+                basis = solve(total, min(m.rank, T - 1))
+                writer.write(f"{m.name}.{factor}.mean", basis.mean.contiguous())
+                writer.write(f"{m.name}.{factor}.basis", basis.vectors.contiguous())
         writer.close()
 
 
@@ -208,13 +229,21 @@ def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases:
     """A site's round-2 upload: each task's joint error curve against the federation's bases."""
     n = len(adapters)
     with open_safetensors(bases) as f:
-        sizes = {m.name: max(f.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) for m in modules}
-        writer = StreamingWriter(file, {f"{m.name}.joint": (torch.float64, (n, sizes[m.name] + 1)) for m in modules},
-                                 {"kind": "curves", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
+        specs = {}
         for m in modules:
-            B, A = stack_factors(adapters, m, canonical=True)
+            specs[f"{m.name}.joint"] = (torch.float64, (n, max(f.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) + 1))
+            specs[f"{m.name}.shared"] = (torch.float64, (n, f.get_slice(f"{m.name}.B.basis").get_shape()[2] + 1))
+        writer = StreamingWriter(file, specs, {"kind": "curves", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
+        for m in modules:
+            raw = stack_factors(adapters, m, canonical=False)
+            per_position = tuple(
+                Basis(read_tensor(f, bases, f"{m.name}.{x}.mean").double(), read_tensor(f, bases, f"{m.name}.{x}.basis").double(), torch.empty(0))
+                for x in FACTORS
+            )
+            B, A = canonicalize(*raw)
             U, V = (read_tensor(f, bases, f"{m.name}.{s}").double() for s in ("U", "V"))
             writer.write(f"{m.name}.joint", joint_errors(B, A, U, V))
+            writer.write(f"{m.name}.shared", shared_errors(*raw, per_position))
     writer.close()
     return writer
 
@@ -238,20 +267,25 @@ def write_plan(spectra: list[Path], curves: list[Path], modules: list[ModuleEntr
         for m in modules:
             S = torch.cat([read_tensor(f, p, f"{m.name}.S").double() for f, p in zip(spec_files, spectra)])
             ranks = torch.cat([read_tensor(f, p, f"{m.name}.ranks") for f, p in zip(spec_files, spectra)]).tolist()
-            rows = torch.cat([read_tensor(f, p, f"{m.name}.joint").double() for f, p in zip(curve_files, curves)])
-            joint = torch.empty_like(rows)
-            joint[order] = rows
+            per_task = {}
+            for key in ("joint", "shared"):
+                rows = torch.cat([read_tensor(f, p, f"{m.name}.{key}").double() for f, p in zip(curve_files, curves)])
+                per_task[key] = torch.empty_like(rows)
+                per_task[key][order] = rows
             sides = tuple(fb.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V"))
-            found.append(Curves(m.out_features, m.in_features, tuple(ranks), truncation_errors(S), joint, sides))
+            found.append(Curves(m.out_features, m.in_features, tuple(ranks), truncation_errors(S), per_task["joint"], sides, per_task["shared"]))
             energy[m.name] = (S * S).sum(-1)
         plan = allocate(found, budget)
         planned = planned_modules(modules, plan, tasks)
-        shapes = {f"{m.name}.{s}": (dtype, (n, k)) for m in planned if m.method == "joint" for s, n, k in (("U", m.out_features, m.size[0]), ("V", m.in_features, m.size[1]))}
-        writer = StreamingWriter(file, shapes, {"format": "pt", PLAN: json.dumps([m.model_dump(mode="json") for m in planned])})
+        writer = StreamingWriter(file, basis_specs(planned, dtype), {"format": "pt", PLAN: json.dumps([m.model_dump(mode="json") for m in planned])})
         for m in planned:
             if m.method == "joint":
                 writer.write(f"{m.name}.U", read_tensor(fb, bases, f"{m.name}.U")[:, : m.size[0]].to(dtype).contiguous())
                 writer.write(f"{m.name}.V", read_tensor(fb, bases, f"{m.name}.V")[:, : m.size[1]].to(dtype).contiguous())
+            elif m.method == "shared":
+                for x in FACTORS:
+                    writer.write(f"{m.name}.{x}.mean", read_tensor(fb, bases, f"{m.name}.{x}.mean").to(dtype).contiguous())
+                    writer.write(f"{m.name}.{x}.basis", read_tensor(fb, bases, f"{m.name}.{x}.basis")[..., : m.p].to(dtype).contiguous())
         writer.close()
     kept = {m.name: {"dW": 1.0 - float((torch.tensor(c.errors) * energy[m.name]).sum() / energy[m.name].sum().clamp_min(1e-300))} for m, c in zip(modules, plan)}
     return planned, kept
@@ -281,8 +315,11 @@ def check_round_payload(file: Path, kind: str, modules: list[ModuleEntry], allow
             if kind == "spectra":
                 shapes = {"S": (n, m.rank), "ranks": (n,), "W_out": (m.out_features, min(m.out_features, n * m.rank)),
                           "W_in": (m.in_features, min(m.in_features, n * m.rank))}
+                for x, P in zip(FACTORS, (m.out_features, m.in_features)):
+                    shapes |= {f"{x}.s1": (P, m.rank), f"{x}.s2": (P, m.rank * (m.rank + 1) // 2)}
             else:
-                shapes = {"joint": (n, max(fb.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) + 1)}
+                shapes = {"joint": (n, max(fb.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) + 1),
+                          "shared": (n, fb.get_slice(f"{m.name}.B.basis").get_shape()[2] + 1)}
             for key, shape in shapes.items():
                 x = read_tensor(f, file, f"{m.name}.{key}")
                 if tuple(x.shape) != shape:

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmm.allocate import _joint, _truncate, allocate, curves, grams, joint_bases, joint_errors, stacked_roots, truncation_errors
+from rmm.allocate import _joint, _paper, _truncate, allocate, curves, grams, joint_bases, joint_errors, position_bases, shared_errors, stacked_roots, truncation_errors
 from rmm.canonical import canonicalize
 
 torch.set_num_threads(1)
@@ -60,8 +60,7 @@ def test_the_plan_fits_the_budget_and_beats_the_plain_plans(seed, ratio):
         ranks = torch.randint(1, r + 1, (4,), generator=gen).tolist()
         B, A = _tasks(seed + n_out + n_in, 4, n_out, n_in, r)
         mask = (torch.arange(r)[None, :] < torch.tensor(ranks)[:, None]).double()
-        B, A = canonicalize(B * mask[:, None, :], A * mask[:, :, None])  # task t of rank ranks[t]
-        modules.append(curves(B, A, ranks))
+        modules.append(curves(B * mask[:, None, :], A * mask[:, :, None], ranks))  # task t of rank ranks[t]
         whole += sum(ranks) * (n_out + n_in)
     plan = allocate(modules, ratio * whole)
     assert sum(c.cost for c in plan) <= ratio * whole
@@ -69,8 +68,28 @@ def test_the_plan_fits_the_budget_and_beats_the_plain_plans(seed, ratio):
     def objective(p):
         return sum((m.n_out + m.n_in) * sum(c.errors) for m, c in zip(modules, p))
 
-    for plain in ([_truncate(m, ratio) for m in modules], [_joint(m, ratio) for m in modules]):
+    for plain in ([_truncate(m, ratio) for m in modules], [_joint(m, ratio) for m in modules], _paper(modules, ratio * whole)):
         if sum(c.cost for c in plain) <= ratio * whole:
             assert objective(plan) <= objective(plain) + 1e-12
     if ratio == 1.0:
         assert objective(plan) < 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes)
+def test_per_position_curve_is_the_dense_error_of_the_papers_rebuild(shape):
+    seed, T, n_out, n_in, r = shape
+    gen = torch.Generator().manual_seed(seed)
+    B = torch.randn(T, n_out, r, generator=gen, dtype=torch.float64)  # raw factors: no canonical form
+    A = torch.randn(T, r, n_in, generator=gen, dtype=torch.float64)
+    bases = position_bases(B, A)
+    errors = shared_errors(B, A, bases)
+    dW = B @ A
+    for p in range(bases[0].p + 1):
+        rebuilt = []
+        for basis, X in zip(bases, (B, A.mT)):
+            U = basis.vectors[..., :p]
+            rebuilt.append(basis.mean + torch.einsum("prk,tpk->tpr", U, torch.einsum("prk,tpr->tpk", U, X - basis.mean)))
+        dense = ((rebuilt[0] @ rebuilt[1].mT - dW) ** 2).sum((-2, -1)) / (dW * dW).sum((-2, -1))
+        torch.testing.assert_close(errors[:, p], dense, atol=1e-9, rtol=1e-7)
+    assert errors[:, -1].max() < 1e-9  # p = min(r, T - 1) is exact

@@ -256,7 +256,7 @@ def _squared_errors(out, adapters):
     return total
 
 
-def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_or_joint(llama_base, tmp_path):
+def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_joint_or_the_paper(llama_base, tmp_path):
     shared = [make_adapter(llama_base, tmp_path / "in" / f"s{i}", seed=40 + i, shared=0.6) for i in range(6)]
     full = run("auto", shared, tmp_path / "full", storage_ratio=1.0)
     assert full["storage_ratio"] <= 1.0 and _squared_errors(tmp_path / "full", shared) < 1e-10
@@ -264,8 +264,8 @@ def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_or_joint(l
         auto = run("auto", shared, tmp_path / f"auto{ratio}", storage_ratio=ratio)
         assert auto["storage_ratio"] <= ratio + 1e-9
         mine = _squared_errors(tmp_path / f"auto{ratio}", shared)
-        for other in ("truncate", "joint"):
+        for other in ("truncate", "joint", "rmm-paper"):
             summary = run(other, shared, tmp_path / f"{other}{ratio}", storage_ratio=ratio)
             assert summary["storage_ratio"] <= ratio + 1e-9
             assert mine <= _squared_errors(tmp_path / f"{other}{ratio}", shared) * (1 + 1e-6), (other, ratio)  # float32 storage
-        assert {m.method for m in read_manifest(tmp_path / f"auto{ratio}" / "bundle").modules} <= {"truncate", "joint"}
+        assert {m.method for m in read_manifest(tmp_path / f"auto{ratio}" / "bundle").modules} <= {"truncate", "joint", "shared"}

@@ -211,7 +211,7 @@ def test_auto_reverts_what_it_reports_within_the_budget_it_counts(llama_base, tm
     rules = [dict(r=2, lora_alpha=16), dict(r=8, lora_alpha=8), dict(r=4, lora_alpha=4, use_rslora=True), dict(r=4), dict(r=4)]
     paths = [make_adapter(llama_base, tmp_path / f"h{i}", seed=i, shared=0.7 if i > 2 else 0.0, **rule) for i, rule in enumerate(rules)]
     manifest = merge(paths, tmp_path / "bundle", MergeOptions(storage_ratio=ratio), progress=False)
-    assert manifest.options.method == "auto" and {m.method for m in manifest.modules} <= {"truncate", "joint"}
+    assert manifest.options.method == "auto" and {m.method for m in manifest.modules} <= {"truncate", "joint", "shared"}
     storage = manifest.report.storage
     assert storage.ratio <= ratio
     summary = inspect_bundle(tmp_path / "bundle")
@@ -247,10 +247,14 @@ def test_auto_at_full_storage_reverts_exactly_and_is_the_default(adapters, llama
 
 
 def test_auto_shares_what_tasks_share_and_truncates_what_they_do_not(llama_base, tmp_path):
-    """Eight tasks built on one common update share it jointly; four unrelated tasks are truncated."""
+    """Tasks built on one common update (the same raw factors plus their own) share it: jointly at a
+    budget that buys more than the common part, per position (the mean alone) in some modules at one
+    that buys little more; unrelated tasks are truncated."""
     alike = [make_adapter(llama_base, tmp_path / "alike" / f"s{i}", seed=60 + i, shared=0.95) for i in range(8)]
     apart = [make_adapter(llama_base, tmp_path / "apart" / f"u{i}", seed=80 + i) for i in range(4)]
-    shared = merge(alike, tmp_path / "b1", MergeOptions(storage_ratio=0.3), progress=False)
-    assert {m.method for m in shared.modules} == {"joint"}
-    alone = merge(apart, tmp_path / "b2", MergeOptions(storage_ratio=0.3), progress=False)
+    joint = merge(alike, tmp_path / "b1", MergeOptions(storage_ratio=0.3), progress=False)
+    assert {m.method for m in joint.modules} == {"joint"}
+    means = merge(alike, tmp_path / "b2", MergeOptions(storage_ratio=0.15), progress=False)
+    assert ("shared", 0) in {(m.method, m.p) for m in means.modules} and means.report.storage.ratio <= 0.15
+    alone = merge(apart, tmp_path / "b3", MergeOptions(storage_ratio=0.3), progress=False)
     assert {m.method for m in alone.modules} == {"truncate"}

@@ -63,12 +63,22 @@ def test_low_rank_sketch_is_smaller_and_lossy(eight, tmp_path):
     assert differs
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.6])
-def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(eight, tmp_path, ratio):
+@pytest.fixture(scope="module")
+def alike(llama_base, tmp_path_factory):
+    """Eight adapters that are one common update (in their raw factors) plus a little of their own."""
+    root = tmp_path_factory.mktemp("alike")
+    return [make_adapter(llama_base, root / f"a{i}", seed=40 + i, shared=0.95) for i in range(8)]
+
+
+@pytest.mark.parametrize("inputs, ratio, kinds", [
+    ("eight", 0.3, {"joint"}), ("eight", 0.6, {"truncate", "joint"}), ("alike", 0.15, {"joint", "shared"}),
+])
+def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(request, tmp_path, inputs, ratio, kinds):
     """Spectra -> bases -> curves -> plan over uneven sites gives the centralised plan, and each site's
     bundle against the planned basis the centralised errors; no site ever sends its factors."""
+    eight = request.getfixturevalue(inputs)
     central = merge(eight, tmp_path / "central", MergeOptions(storage_ratio=ratio), progress=False)
-    assert {m.method for m in central.modules} == {"truncate", "joint"} or ratio == 0.3  # both kinds at 0.6 here
+    assert {m.method for m in central.modules} == kinds
     adapters = [open_adapter(p) for p in eight]
     modules = module_specs(adapters)
     shards = [adapters[:1], adapters[1:4], adapters[4:]]
@@ -80,7 +90,7 @@ def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(eight, tm
     for shard, file in zip(reversed(shards), reversed(curves)):  # sites answer in any order
         write_curves(shard, modules, tmp_path / "bases.safetensors", file)
     planned, kept = write_plan(spectra, curves[::-1], modules, ratio * numbers_original(adapters), tmp_path / "bases.safetensors", tmp_path / "plan.safetensors")
-    assert [(m.method, m.ranks, m.size) for m in planned] == [(m.method, m.ranks, m.size) for m in central.modules]
+    assert [(m.method, m.ranks, m.size, m.p) for m in planned] == [(m.method, m.ranks, m.size, m.p) for m in central.modules]
     assert all(0 <= k["dW"] <= 1 for k in kept.values())
     for i, shard in enumerate(shards):
         site = merge([a.path for a in shard], tmp_path / f"site{i}", MergeOptions(storage_ratio=ratio), basis=tmp_path / "plan.safetensors", progress=False)
