@@ -10,7 +10,7 @@ def register(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks: quality suites against every baseline")
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True, metavar="VERB")
     p = bench_verbs.add_parser("quality", help="build (once, cached) and score the quality suites; results in benchmarks/results/")
-    p.add_argument("suites", nargs="*", default=["few", "many", "hetero", "pt-svd"], metavar="SUITE", help="few, many, hetero, pt-svd (default: all)")
+    p.add_argument("suites", nargs="*", metavar="SUITE", help="few, many, hetero, pt-svd, released (default: all)")
     p.add_argument("--work", type=Path, default=Path(".cache/quality/work"), metavar="DIR", help="scratch space for candidates' outputs")
     p.set_defaults(run=_quality)
 
@@ -23,5 +23,5 @@ def _quality(args) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise RMMError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    run_suites(args.suites, args.work)
+    run_suites(args.suites or list(SUITES), args.work)
     return 0
