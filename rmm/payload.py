@@ -52,15 +52,10 @@ def write_payload(
     specs = {}
     for m in modules:
         for f, P in zip(FACTORS, (m.out_features, m.in_features)):
-            r = m.rank
-            if kind == "moments":
-                specs[f"{m.name}.{f}.s1"] = (torch.float64, (P, r))
-                specs[f"{m.name}.{f}.s2"] = (torch.float64, (P, r * (r + 1) // 2))
-            elif kind == "sketch":
-                specs[f"{m.name}.{f}.mean"] = (torch.float64, (P, r))
-                specs[f"{m.name}.{f}.qs"] = (torch.float64, (P, r, _sketch_rank(q, r, n)))
+            if kind == "factors":
+                specs[f"{m.name}.{f}.x"] = (dtype, (n, P, m.rank))
             else:
-                specs[f"{m.name}.{f}.x"] = (dtype, (n, P, r))
+                specs |= {f"{m.name}.{f}.{suffix}": spec for suffix, spec in _summary_specs(P, m.rank, n, kind, q).items()}
     writer = StreamingWriter(file, specs, {"kind": kind, "n": str(n), "q": str(q or 0)})
     for m in modules:
         B, A = stack_factors(adapters, m, canonical)
@@ -133,6 +128,19 @@ def _encode(X: torch.Tensor, kind: str, q: int | None):
     return [("mean", mean), ("qs", evecs[..., evecs.shape[-1] - k :] * top.unsqueeze(-2))]
 
 
+def _summary_specs(P: int, r: int, n: int, kind: str, q: int | None) -> dict:
+    """suffix -> (dtype, shape) of one factor's `moments` or `sketch` for n tasks at P positions of rank r."""
+    if kind == "moments":
+        return {"s1": (torch.float64, (P, r)), "s2": (torch.float64, (P, r * (r + 1) // 2))}
+    return {"mean": (torch.float64, (P, r)), "qs": (torch.float64, (P, r, _sketch_rank(q, r, n)))}
+
+
+def _smallest_exact(n: int, r: int) -> tuple[str, int | None]:
+    """The exact per-position summary with the fewest numbers for n tasks of rank r: a full-rank
+    sketch (r n per position) below (r + 3) / 2 tasks, else the moments (r (r + 3) / 2)."""
+    return ("sketch", max(1, n - 1)) if n * r < r * (r + 3) // 2 else ("moments", None)
+
+
 def _sketch_rank(q: int, r: int, n: int) -> int:
     """n centred vectors span at most n - 1 directions: more columns would only carry zeros."""
     return min(q, r, n - 1)
@@ -156,7 +164,8 @@ def _decode(kind: str, n: int, r: int, get) -> Moments:
 #
 # Round 1, `spectra` (per module): every task's singular values `S` (n, r) and own rank `ranks` (n,),
 # the site's Gram roots `W_out` (out, q), `W_in` (in, q) (`rmm.allocate.grams`, q = min(side, n r)),
-# and the moments of its raw factors `B.s1`, `B.s2`, `A.s1`, `A.s2` (as the `moments` kind), float64.
+# and an exact summary of its raw factors per position, `B.*` and `A.*` (the smaller of the `moments`
+# and the full-rank `sketch` kinds for its task count and the module's rank), float64.
 # The coordinator sets all sites' roots side by side and sums the moments: the joint bases U, V and the
 # per-position bases (`bases`). Round 2, `curves` (per module): every task's error curves against
 # those bases, `joint` (n, K + 1) and `shared` (n, p + 1). The coordinator then allocates exactly as
@@ -175,8 +184,7 @@ def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file:
         specs[f"{m.name}.W_out"] = (torch.float64, (m.out_features, min(m.out_features, n * m.rank)))
         specs[f"{m.name}.W_in"] = (torch.float64, (m.in_features, min(m.in_features, n * m.rank)))
         for f, P in zip(FACTORS, (m.out_features, m.in_features)):
-            specs[f"{m.name}.{f}.s1"] = (torch.float64, (P, m.rank))
-            specs[f"{m.name}.{f}.s2"] = (torch.float64, (P, m.rank * (m.rank + 1) // 2))
+            specs |= {f"{m.name}.{f}.{suffix}": spec for suffix, spec in _summary_specs(P, m.rank, n, *_smallest_exact(n, m.rank)).items()}
     writer = StreamingWriter(file, specs, {"kind": "spectra", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
     for m in modules:
         raw = stack_factors(adapters, m, canonical=False)
@@ -187,7 +195,7 @@ def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file:
         writer.write(f"{m.name}.W_out", W_out.contiguous())
         writer.write(f"{m.name}.W_in", W_in.contiguous())
         for f, X in zip(FACTORS, (raw[0], raw[1].mT)):
-            for suffix, tensor in _encode(X, "moments", None):
+            for suffix, tensor in _encode(X, *_smallest_exact(n, m.rank)):
                 writer.write(f"{m.name}.{f}.{suffix}", tensor.contiguous())
     writer.close()
     return writer
@@ -217,7 +225,8 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
                 total = None
                 for f, p in zip(files, spectra):
                     n = len(payload_tasks(p))
-                    part = _decode("moments", n, m.rank, lambda suffix: read_tensor(f, p, f"{m.name}.{factor}.{suffix}").double())  # noqa: B023
+                    kind = _smallest_exact(n, m.rank)[0]
+                    part = _decode(kind, n, m.rank, lambda suffix: read_tensor(f, p, f"{m.name}.{factor}.{suffix}").double())  # noqa: B023
                     total = part if total is None else total + part
                 basis = solve(total, min(m.rank, T - 1))
                 writer.write(f"{m.name}.{factor}.mean", basis.mean.contiguous())
@@ -316,7 +325,7 @@ def check_round_payload(file: Path, kind: str, modules: list[ModuleEntry], allow
                 shapes = {"S": (n, m.rank), "ranks": (n,), "W_out": (m.out_features, min(m.out_features, n * m.rank)),
                           "W_in": (m.in_features, min(m.in_features, n * m.rank))}
                 for x, P in zip(FACTORS, (m.out_features, m.in_features)):
-                    shapes |= {f"{x}.s1": (P, m.rank), f"{x}.s2": (P, m.rank * (m.rank + 1) // 2)}
+                    shapes |= {f"{x}.{suffix}": shape for suffix, (_, shape) in _summary_specs(P, m.rank, n, *_smallest_exact(n, m.rank)).items()}
             else:
                 shapes = {"joint": (n, max(fb.get_slice(f"{m.name}.{s}").get_shape()[1] for s in ("U", "V")) + 1),
                           "shared": (n, fb.get_slice(f"{m.name}.B.basis").get_shape()[2] + 1)}

@@ -64,7 +64,8 @@ def run(out: Path) -> dict:
     table = Table(
         title=f"held-out accuracy: {len(tasks)} tasks, original adapters vs reverted from bundles",
         caption=f"columns: method and --storage-ratio (c: --canonicalize); fed: 'auto .5' by {SITES} sites over gRPC; "
-        "LoRA off: the task's head without its LoRA; stored as: modules truncated (t) / shared jointly (j), or basis size p",
+        "LoRA off: the task's head without its LoRA; stored as: modules truncated (t) / shared jointly (j) / "
+        "per position (s), or basis size p",
     )
     table.add_column("task", no_wrap=True)
     for column in results:
@@ -112,7 +113,9 @@ def _mean_error(summary: dict) -> float:
 
 def _stored_as(summary: dict) -> str:
     a = summary["allocation"]
-    return f"p={summary['p']}" if a["shared"] else f"{a['truncate']}t {a['joint']}j"
+    if summary["options"]["method"] == "rmm-paper":
+        return f"p={summary['p']}"
+    return f"{a['truncate']}t {a['joint']}j" + (f" {a['shared']}s" if a["shared"] else "")
 
 
 def _slug(label: str) -> str:
