@@ -162,16 +162,22 @@ def shared_errors(B: torch.Tensor, A: torch.Tensor, bases: tuple[Basis, Basis]) 
     return torch.stack(errors, dim=1)
 
 
-def position_bases(B: torch.Tensor, A: torch.Tensor) -> tuple[Basis, Basis]:
-    """The per-position bases of raw factors (T, out, r), (T, r, in), at their largest useful size."""
-    p = min(B.shape[2], B.shape[0] - 1)
+def shared_cap(rank: int, ranks: list[int]) -> int:
+    """The largest per-position basis size worth curving: p <= min(r, T - 1) carries information, and
+    beyond (sum of ranks - r) / (r + T) a shared module stores more than every task kept whole."""
+    return max(0, min(rank, len(ranks) - 1, (sum(ranks) - rank) // (rank + len(ranks))))
+
+
+def position_bases(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> tuple[Basis, Basis]:
+    """The per-position bases of raw factors (T, out, r), (T, r, in) of tasks of `ranks`, up to `shared_cap`."""
+    p = shared_cap(B.shape[2], ranks)
     return solve(Moments.of(B), p), solve(Moments.of(A.mT), p)
 
 
 def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
     """One module's error curves, centrally, from all tasks' raw factors (T, out, r), (T, r, in) and
     their own ranks. A federation computes the same from its sites' uploads (`rmm.payload`)."""
-    shared = shared_errors(B, A, position_bases(B, A))
+    shared = shared_errors(B, A, position_bases(B, A, ranks))
     B, A = canonicalize(B, A)
     cols, rows = stacked_roots(B, A)
     U, V = joint_bases([cols], [rows], joint_cap(B.shape[1], A.shape[2], ranks))

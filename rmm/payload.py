@@ -29,7 +29,7 @@ from rmm.adapter import LoraAdapter
 from rmm.bundle import BASIS_FILE, FACTORS, ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, open_safetensors, read_tensor
-from rmm.allocate import Curves, allocate, grams, joint_bases, joint_cap, joint_errors, shared_errors, singular_values, truncation_errors
+from rmm.allocate import Curves, allocate, grams, joint_bases, joint_cap, joint_errors, shared_cap, shared_errors, singular_values, truncation_errors
 from rmm.canonical import canonicalize
 from rmm.merge import PLAN, basis_specs, planned_modules, stack_factors
 from rmm.solver import Basis, Moments, solve
@@ -214,7 +214,7 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
             caps[m.name] = joint_cap(m.out_features, m.in_features, ranks)
             for side, size in (("U", m.out_features), ("V", m.in_features)):
                 shapes[f"{m.name}.{side}"] = (torch.float64, (size, min(caps[m.name], size, T * m.rank)))
-            shapes |= basis_specs([m.model_copy(update={"method": "shared", "p": min(m.rank, T - 1)})], torch.float64)
+            shapes |= basis_specs([m.model_copy(update={"method": "shared", "p": shared_cap(m.rank, ranks)})], torch.float64)
         writer = StreamingWriter(file, shapes, {"kind": "bases", "tasks": json.dumps(tasks)})
         for m in modules:
             roots = {side: [read_tensor(f, p, f"{m.name}.{side}").double() for f, p in zip(files, spectra)] for side in ("W_out", "W_in")}
@@ -228,7 +228,7 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
                     kind = _smallest_exact(n, m.rank)[0]
                     part = _decode(kind, n, m.rank, lambda suffix: read_tensor(f, p, f"{m.name}.{factor}.{suffix}").double())  # noqa: B023
                     total = part if total is None else total + part
-                basis = solve(total, min(m.rank, T - 1))
+                basis = solve(total, shapes[f"{m.name}.{factor}.basis"][1][2])
                 writer.write(f"{m.name}.{factor}.mean", basis.mean.contiguous())
                 writer.write(f"{m.name}.{factor}.basis", basis.vectors.contiguous())
         writer.close()
