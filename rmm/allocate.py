@@ -238,7 +238,7 @@ def _choose(c: Curves, price: float) -> Choice:
     direction of truncation, (out + in) x price, and the module's weight cancel to `price`.
     """
     n = c.n_out + c.n_in
-    T, ranks = c.trunc.shape[0], torch.arange(c.trunc.shape[1], dtype=c.trunc.dtype)
+    ranks = torch.arange(c.trunc.shape[1], dtype=c.trunc.dtype)
     ks = (c.trunc + price * ranks).argmin(dim=1)  # each task its own rank
     trunc_err = c.trunc.gather(1, ks[:, None]).squeeze(1)
     trunc_cost = int(ks.sum()) * n

@@ -26,7 +26,7 @@ from typing import Iterator, Literal
 import torch
 
 from rmm.adapter import LoraAdapter
-from rmm.bundle import BASIS_FILE, FACTORS, ModuleEntry
+from rmm.bundle import FACTORS, ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, open_safetensors, read_tensor
 from rmm.allocate import Curves, allocate, grams, joint_bases, joint_cap, joint_errors, shared_cap, shared_errors, singular_values, truncation_errors

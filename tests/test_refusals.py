@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 from rmm.adapter import LoraAdapter, write_adapter
 from rmm.allocate import joint_bases, stacked_roots
 from rmm.baselines import SUMMARY_FILE, register
@@ -135,6 +133,6 @@ def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_rati
     return {"adapters": written, "numbers_stored": stored, "errors": {t: sum(e) / len(e) for t, e in errors.items()}}
 
 
-@register("auto", "reversible", "rmm merge's default: per module, per-task truncation or joint sharing under one budget (rmm.allocate)")
+@register("auto", "reversible", "rmm merge's default: per module, per-task truncation, joint or per-position sharing under one budget (rmm.allocate)")
 def auto(adapters: list[LoraAdapter], out_dir: Path, *, storage_ratio=0.5) -> dict:
     return _via_merge(adapters, out_dir, method="auto", storage_ratio=storage_ratio)
