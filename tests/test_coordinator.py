@@ -337,32 +337,44 @@ def test_deadline_closes_with_or_without_quorum(world, tmp_path):
     assert late.code() == Code.FAILED_PRECONDITION and "no more joins" in late.details()
 
 
-def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, world, tmp_path):
-    """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
-    a coordinator restart between the two sites' curves."""
+@pytest.fixture(scope="module")
+def two_sites(adapters, world, tmp_path_factory):
+    """Method auto: two sites' shards, spectra payloads and manifests."""
+    root = tmp_path_factory.mktemp("spectra")
     opened = [open_adapter(p) for p in adapters]
     shards = {"a": opened[:2], "b": opened[2:]}
-    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
-    config = coordinator_config(tmp_path / "state", fed)
     spectra, manifests = {}, {}
     for site, shard in shards.items():
-        spectra[site] = tmp_path / f"{site}.safetensors"
+        spectra[site] = root / f"{site}.safetensors"
         write_spectra(shard, world.specs, spectra[site])
         manifests[site] = pb.SiteManifest(
             base_model=world.base_model, modules=world.sites["a"].manifest.modules, tasks=[a.name for a in shard],
             upload_kind="spectra", lora_numbers=numbers_original(shard), tool_version="test",
         )
+    return SimpleNamespace(shards=shards, spectra=spectra, manifests=manifests)
 
-    async def commit(stub, site, file):
-        part = await upload(stub, "fed", site, file)
-        await stub.Commit(pb.CommitRequest(federation_id="fed", site_id=site, parts=[part]), metadata=auth(site), timeout=30)
 
-    async def curves_of(stub, site):
-        bases = tmp_path / f"bases-{site}.safetensors"
-        bases.write_bytes(await download(stub, site))
-        file = tmp_path / f"curves-{site}.safetensors"
-        write_curves(shards[site], world.specs, bases, file)
-        return file
+async def commit_file(stub, site, file):
+    part = await upload(stub, "fed", site, file)
+    await stub.Commit(pb.CommitRequest(federation_id="fed", site_id=site, parts=[part]), metadata=auth(site), timeout=30)
+
+
+async def curves_of(stub, world, two_sites, site, tmp_path):
+    """Download the bases (state CURVES) and write the site's curves against them."""
+    bases = tmp_path / f"bases-{site}.safetensors"
+    bases.write_bytes(await download(stub, site))
+    file = tmp_path / f"curves-{site}.safetensors"
+    write_curves(two_sites.shards[site], world.specs, bases, file)
+    return file
+
+
+def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, world, two_sites, tmp_path):
+    """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
+    a coordinator restart between the two sites' curves."""
+    shards, spectra, manifests = two_sites.shards, two_sites.spectra, two_sites.manifests
+    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    config = coordinator_config(tmp_path / "state", fed)
+    commit = commit_file
 
     async def main():
         async with serving(config) as (stub, _, _):
@@ -380,11 +392,11 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
             await commit(stub, "a", spectra["a"])
             with pytest.raises(grpc.aio.AioRpcError, match="this upload takes 'curves'"):
                 await commit(stub, "a", spectra["b"])
-            await commit(stub, "a", await curves_of(stub, "a"))
+            await commit(stub, "a", await curves_of(stub, world, two_sites, "a", tmp_path))
             waiting = await status(stub, "a", wait=0.5)  # a's curves are in: it waits for b
         async with serving(config) as (stub, _, _):  # restarted between the two sites' curves
             resumed = await status(stub, "b")
-            await commit(stub, "b", await curves_of(stub, "b"))
+            await commit(stub, "b", await curves_of(stub, world, two_sites, "b", tmp_path))
             done = await status(stub, "b", wait=30)
             basis = await download(stub, "a")
         return curves_state, waiting, resumed, done, basis
@@ -401,3 +413,21 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
             for name, err in site.report.errors[a.name].items():
                 assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6)
     assert [m.method for m in site.modules] == [m.method for m in central.modules]
+
+
+def test_auto_fails_at_the_deadline_of_its_second_round(world, two_sites, tmp_path):
+    """A site that sent its spectra but never its curves: the federation fails, naming it."""
+    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.5, upload_kinds=None, deadline_seconds=8, min_sites=2)
+    config = coordinator_config(tmp_path / "state", fed)
+
+    async def main():
+        async with serving(config) as (stub, _, _):
+            for site in "ab":
+                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]), metadata=auth(site), timeout=10)
+                await commit_file(stub, site, two_sites.spectra[site])
+            assert (await status(stub, "a", wait=10)).state == "CURVES"
+            await commit_file(stub, "a", await curves_of(stub, world, two_sites, "a", tmp_path))
+            return await status(stub, "a", wait=25)
+
+    final = asyncio.run(main())
+    assert final.state == "FAILED" and "without the curves of b" in final.message, final.message
