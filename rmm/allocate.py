@@ -34,7 +34,7 @@ import torch
 
 from rmm.canonical import canonicalize
 from rmm.metrics import relative_error
-from rmm.solver import Basis, Moments, coefficients, reconstruct, solve
+from rmm.solver import Basis, Moments, coefficients, reconstruct, solve, storage_numbers
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,20 @@ class Curves:
         return self.trunc.shape[1] - 1
 
     def joint_cost(self, K: torch.Tensor) -> torch.Tensor:
-        ku, kv = K.clamp(max=self.sides[0]), K.clamp(max=self.sides[1])
-        return ku * self.n_out + kv * self.n_in + self.trunc.shape[0] * ku * kv
+        return joint_numbers(K.clamp(max=self.sides[0]), K.clamp(max=self.sides[1]), self.n_out, self.n_in, self.trunc.shape[0])
 
     def shared_cost(self, p: torch.Tensor) -> torch.Tensor:
-        return (self.n_out + self.n_in) * (self.rank + p * (self.rank + self.trunc.shape[0]))
+        return sum(storage_numbers(n, self.rank, self.trunc.shape[0], p) for n in (self.n_out, self.n_in))
+
+
+def joint_numbers(ku, kv, n_out: int, n_in: int, tasks: int):
+    """Numbers a jointly shared module stores: U (out x Ku), V (in x Kv) and a Ku x Kv core per task."""
+    return ku * n_out + kv * n_in + tasks * ku * kv
+
+
+def plain_rank(rank: int, ratio: float) -> int:
+    """Plain truncation's rank for an adapter of `rank` at storage `ratio`: floor(ratio r), 1 to r."""
+    return min(rank, max(1, math.floor(ratio * rank + 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -112,14 +121,9 @@ def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap
 
 def joint_cap(n_out: int, n_in: int, ranks: list[int]) -> int:
     """The largest K worth sharing: beyond it a joint module stores more than every task kept whole."""
-    T, whole = len(ranks), sum(ranks) * (n_out + n_in)
-
-    def cost(k: int) -> int:
-        ku, kv = min(k, n_out), min(k, n_in)
-        return ku * n_out + kv * n_in + T * ku * kv
-
+    whole = sum(ranks) * (n_out + n_in)
     K = 0
-    while K < max(n_out, n_in) and cost(K + 1) <= whole:
+    while K < max(n_out, n_in) and joint_numbers(min(K + 1, n_out), min(K + 1, n_in), n_out, n_in, len(ranks)) <= whole:
         K += 1
     return K
 
@@ -204,7 +208,7 @@ def _cost(modules: list[Curves], price: float) -> int:
 
 def _truncate(c: Curves, ratio: float) -> Choice:
     """Plain truncation: every task keeps floor(ratio x its rank) directions (at least one)."""
-    ks = [min(r, max(1, math.floor(ratio * r + 1e-9))) for r in c.ranks]
+    ks = [plain_rank(r, ratio) for r in c.ranks]
     errors = [float(c.trunc[t, k]) for t, k in enumerate(ks)]
     return Choice("truncate", ks, (0, 0), sum(ks) * (c.n_out + c.n_in), errors)
 

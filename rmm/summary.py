@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmm.bundle import BASIS_FILE, ModuleEntry, coefficients_file, read_manifest
+from rmm.allocate import joint_numbers
 from rmm.solver import storage_numbers
 
 
@@ -14,8 +15,7 @@ def stored_numbers(mod: ModuleEntry, tasks: int) -> int:
         return sum(storage_numbers(n, mod.rank, tasks, mod.p) for n in (mod.out_features, mod.in_features))
     if mod.method == "truncate":
         return sum(mod.ranks.values()) * (mod.out_features + mod.in_features)
-    ku, kv = mod.size
-    return ku * mod.out_features + kv * mod.in_features + tasks * ku * kv
+    return joint_numbers(*mod.size, mod.out_features, mod.in_features, tasks)
 
 
 def allocation(mod: ModuleEntry) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rmm.adapter import LoraAdapter, write_adapter
-from rmm.allocate import joint_bases, stacked_roots
+from rmm.allocate import joint_bases, joint_numbers, plain_rank, stacked_roots
 from rmm.baselines import SUMMARY_FILE, register
 from rmm.bundle import MergeOptions
 from rmm.canonical import canonicalize
@@ -41,8 +40,7 @@ def truncate(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_r
     for a in adapters:  # one adapter, one module at a time
         factors, errs = {}, []
         for m, spec in a.modules.items():
-            k = rank if rank is not None else max(1, math.floor(storage_ratio * spec.rank + 1e-9))
-            k = min(k, spec.rank)
+            k = min(rank, spec.rank) if rank is not None else plain_rank(spec.rank, storage_ratio)
             B, A = a.load_factors(m)
             Bc, Ac = canonicalize(B, A)  # thin SVD of B A through QR, singular values descending
             factors[m] = (Bc[:, :k], Ac[:k])
@@ -110,8 +108,7 @@ def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_rati
             return min(k, n_out, T * r), min(k, n_in, T * r)
 
         def cost(k: int) -> int:
-            ku, kv = sides(k)
-            return ku * n_out + kv * n_in + T * ku * kv
+            return joint_numbers(*sides(k), n_out, n_in, T)
 
         if rank is not None:
             K = rank
