@@ -19,7 +19,9 @@ sites send, the basis is solved by the same `rmm.solver.solve` as a centralised 
 from __future__ import annotations
 
 import json
+import operator
 from contextlib import ExitStack
+from functools import reduce
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -96,10 +98,7 @@ def aggregate(payloads: list[Path], modules: list[ModuleEntry], file: Path, dtyp
         parts = [next(r) for r in readers]
         energy[m.name] = {}
         for factor in FACTORS:
-            total = parts[0][factor]
-            for part in parts[1:]:
-                total = total + part[factor]
-            basis = solve(total, m.p)
+            basis = solve(reduce(operator.add, (part[factor] for part in parts)), m.p)
             writer.write(f"{m.name}.{factor}.mean", basis.mean.to(dtype))
             writer.write(f"{m.name}.{factor}.basis", basis.vectors.to(dtype))
             spread = basis.eigvals.sum().item()
@@ -203,7 +202,8 @@ def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file:
 
 def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> None:
     """The coordinator, after round 1: every module's joint bases U, V from the sites' roots and its
-    per-position bases (mean and basis per factor, p = min(r, T - 1)) from their summed moments; float64."""
+    per-position bases (mean and basis per factor, p up to `shared_cap`) from their summed moments; float64."""
+    per_file = [len(payload_tasks(p)) for p in spectra]
     tasks = [t for p in spectra for t in payload_tasks(p)]
     T, caps = len(tasks), {}
     with ExitStack() as stack:
@@ -222,12 +222,10 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
             writer.write(f"{m.name}.U", U.contiguous())
             writer.write(f"{m.name}.V", V.contiguous())
             for factor in FACTORS:
-                total = None
-                for f, p in zip(files, spectra):
-                    n = len(payload_tasks(p))
-                    kind = _smallest_exact(n, m.rank)[0]
-                    part = _decode(kind, n, m.rank, lambda suffix: read_tensor(f, p, f"{m.name}.{factor}.{suffix}").double())  # noqa: B023
-                    total = part if total is None else total + part
+                total = reduce(operator.add, (
+                    _decode(_smallest_exact(n, m.rank)[0], n, m.rank, lambda suffix: read_tensor(f, p, f"{m.name}.{factor}.{suffix}").double())  # noqa: B023
+                    for f, p, n in zip(files, spectra, per_file)
+                ))
                 basis = solve(total, shapes[f"{m.name}.{factor}.basis"][1][2])
                 writer.write(f"{m.name}.{factor}.mean", basis.mean.contiguous())
                 writer.write(f"{m.name}.{factor}.basis", basis.vectors.contiguous())
@@ -235,7 +233,7 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
 
 
 def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases: Path, file: Path) -> StreamingWriter:
-    """A site's round-2 upload: each task's joint error curve against the federation's bases."""
+    """A site's round-2 upload: each task's joint and per-position error curves against the federation's bases."""
     n = len(adapters)
     with open_safetensors(bases) as f:
         specs = {}
