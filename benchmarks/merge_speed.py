@@ -64,6 +64,8 @@ if str(ROOT) not in sys.path:  # run from a source tree that was not installed
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from rmm.io import atomic_dir  # noqa: E402
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GIB = 1024**3
@@ -169,11 +171,9 @@ def _cached(root: Path, spec: Spec) -> list[Path] | None:
     return None
 
 
-def _finish(tmp: Path, root: Path, spec: Spec) -> list[Path]:
+def _write_spec(tmp: Path, spec: Spec) -> None:
+    """The marker `_cached` checks, written last inside the directory `atomic_dir` renames into place."""
     (tmp / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    return [root / n for n in task_names(spec)]
 
 
 def write_safetensors_adapters(spec: Spec, cache: Path, log) -> tuple[list[Path], bool]:
@@ -181,24 +181,24 @@ def write_safetensors_adapters(spec: Spec, cache: Path, log) -> tuple[list[Path]
     root = cache / spec.key()
     if (dirs := _cached(root, spec)) is not None:
         return dirs, True
-    tmp = cache / f".{spec.key()}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     config = lora_config_dict(spec)
     dtype = DTYPES[spec.dtype]
-    for t, name in enumerate(task_names(spec)):
-        clock = time.perf_counter()
-        tensors = {}
-        for i, mod in enumerate(spec.modules):
-            B, A = synthetic_factors(spec, i, t)
-            tensors[f"{mod}.lora_A.weight"] = A.to(dtype).contiguous()
-            tensors[f"{mod}.lora_B.weight"] = B.to(dtype).contiguous()
-        d = tmp / name
-        d.mkdir(parents=True)
-        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (d / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        log(f"  wrote {name} ({spec.bytes_per_adapter / MIB:.0f} MiB) in {time.perf_counter() - clock:.1f} s")
-        del tensors
-    return _finish(tmp, root, spec), False
+    with atomic_dir(root) as tmp:
+        for t, name in enumerate(task_names(spec)):
+            clock = time.perf_counter()
+            tensors = {}
+            for i, mod in enumerate(spec.modules):
+                B, A = synthetic_factors(spec, i, t)
+                tensors[f"{mod}.lora_A.weight"] = A.to(dtype).contiguous()
+                tensors[f"{mod}.lora_B.weight"] = B.to(dtype).contiguous()
+            d = tmp / name
+            d.mkdir()
+            save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (d / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            log(f"  wrote {name} ({spec.bytes_per_adapter / MIB:.0f} MiB) in {time.perf_counter() - clock:.1f} s")
+            del tensors
+        _write_spec(tmp, spec)
+    return [root / n for n in task_names(spec)], False
 
 
 def tiny_llama(spec: Spec):
@@ -229,25 +229,25 @@ def write_peft_adapters(spec: Spec, cache: Path, log) -> tuple[list[Path], bool]
     root = cache / spec.key()
     if (dirs := _cached(root, spec)) is not None:
         return dirs, True
-    tmp = cache / f".{spec.key()}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     model = get_peft_model(
         tiny_llama(spec),
         LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"),
     )
     layers = dict(model.named_modules())
-    for t, name in enumerate(task_names(spec)):
-        with torch.no_grad():
-            for i, mod in enumerate(spec.modules):
-                layer = layers[mod]
-                B, A = synthetic_factors(spec, i, t)
-                layer.lora_B["default"].weight.copy_(B)
-                layer.lora_A["default"].weight.copy_(A)
-        model.save_pretrained(str(tmp / name))
+    with atomic_dir(root) as tmp:
+        for t, name in enumerate(task_names(spec)):
+            with torch.no_grad():
+                for i, mod in enumerate(spec.modules):
+                    layer = layers[mod]
+                    B, A = synthetic_factors(spec, i, t)
+                    layer.lora_B["default"].weight.copy_(B)
+                    layer.lora_A["default"].weight.copy_(A)
+            model.save_pretrained(str(tmp / name))
+        _write_spec(tmp, spec)
     log(f"  wrote {spec.tasks} PEFT adapters with save_pretrained to {root}")
     del model, layers
     gc.collect()
-    return _finish(tmp, root, spec), False
+    return [root / n for n in task_names(spec)], False
 
 
 # ---------------------------------------------------------------------------------------------
