@@ -1,10 +1,11 @@
-"""Safetensors reading with errors that name the file, and file hashing."""
+"""Safetensors reading with errors that name the file, file hashing, and the rule for names that become paths."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rmm.errors import RMMError
+
+
+# Names read from bundles, adapters and sites become file names (coefficients/<task>.safetensors,
+# <out>/<task>/): one path component, no separators, no leading dot (no "..", no hidden files),
+# printable, at most 128 characters.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@, -]{0,127}")
+
+
+def safe_name(name: str, what: str = "task name", *, file: str | Path | None = None) -> str:
+    """`name` when it is safe as one path component; otherwise an RMMError naming it and the rule."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise RMMError(
+            f"{what} {name!r} cannot be used as a file name: letters, digits and . _ + = @ , - or space, "
+            "not starting with '.' or a space, at most 128 characters",
+            file=file,
+        )
+    return name
 
 
 def open_safetensors(file: Path):
