@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,9 +63,22 @@ def sha256_file(file: Path) -> str:
     return h.hexdigest()
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse to replace a non-empty output unless forced: a user's files are never lost silently."""
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+def check_output(out: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse an output that would lose a user's files, before anything is read or written.
+
+    A non-empty output is replaced only when forced; an output that is a file (or lies under one),
+    or that contains or lies inside one of `inputs` (resolved: links and ".." included), never is.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if resolved.is_relative_to(source) or source.is_relative_to(resolved):
+            raise RMMError(f"the output and the input {given} contain one another; --force never replaces an input: choose another output", file=out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise RMMError(f"{existing} is a file; the output must be a directory", file=out)
+    if out.exists() and not force and any(out.iterdir()):
         raise RMMError("output exists and is not empty; pass --force to replace it", file=out)
 
 
@@ -77,10 +91,13 @@ def atomic_dir(out: Path, *, keep_existing: bool = False):
     first is kept and the new copy dropped.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:  # read-only or virtual file systems (/proc), no permission, a file in the way
+        raise RMMError(f"cannot write here: {e.strerror or e}", file=out) from None
     try:
         yield tmp
         if keep_existing and out.is_dir():

@@ -59,7 +59,7 @@ def merge(
     """
     options = options or MergeOptions()
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, [*adapter_dirs, *([basis] if basis is not None else [])])
     clock = time.perf_counter()
     adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)

@@ -101,7 +101,7 @@ def run(name: str, adapter_dirs: list[str | Path], out_dir: str | Path, *, force
         raise RMMError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     method = METHODS[name]
     out_dir = Path(out_dir)
-    check_output(out_dir, force)
+    check_output(out_dir, force, adapter_dirs)
     clock = time.perf_counter()
     adapters = open_adapters(adapter_dirs)
     T = len(adapters)
