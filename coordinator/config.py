@@ -51,6 +51,9 @@ class FederationConfig(_Strict):
     # here for a site to opt in); auto: spectra (the default and only kind)
     upload_kinds: list[Literal["moments", "sketch", "factors", "spectra"]] | None = None
     basis_dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    # Per-site limits, refused with RESOURCE_EXHAUSTED: one site must not fill the coordinator's disk or memory.
+    max_pending_bytes: int = Field(default=4 * 1024**3, ge=1)  # uploaded chunks not yet consumed by a commit
+    max_tasks: int = Field(default=100_000, ge=1)  # tasks in one site's manifest
 
     @field_validator("id")
     @classmethod

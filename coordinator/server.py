@@ -237,7 +237,7 @@ class _Servicer(pb_grpc.FederationServicer):
 
     @_call
     async def Report(self, fed: FederationState, request: pb.ReportRequest, context):
-        return pb.ReportResponse(json=json.dumps(fed.report(), indent=1)), "sent"
+        return pb.ReportResponse(json=json.dumps(fed.report(request.site_id), indent=1)), "sent"
 
     async def DownloadBasis(self, request: pb.DownloadRequest, context):
         who = _who(request)

@@ -3,8 +3,8 @@
     config.json                            the federation config as first served
     created.json                           creation time: deadlines count from it across restarts
     sites/<site>/manifest.json             the joined SiteManifest (protobuf JSON)
-    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed; dropped once committed (chunks
-                                           uploaded to publish, after DONE, at the next start)
+    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed; dropped once a commit or a
+                                           publication consumed them (kept across restarts until then)
     sites/<site>/parts/<name>.safetensors  the assembled parts, in place only at a successful commit
     sites/<site>/commit.json               the commit (parts, tasks, time); written last, so it marks it
     sites/<site>/traffic.json              bytes received from and sent to the site
@@ -50,12 +50,11 @@ from rmm import __version__
 from rmm.adapter import lora_scaling, module_name
 from rmm.bundle import BASIS_FILE, FACTORS, Manifest, ModuleEntry, Report, Storage, TaskEntry, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
-from rmm.io import atomic_dir, open_safetensors, read_all, sha256_file
+from rmm.io import atomic_dir, open_safetensors, read_all, read_tensor, safe_name, sha256_file
 from rmm.merge import coef_specs, plan_modules
 from rmm.payload import aggregate, check_round_payload, read_payload, write_bases, write_plan
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # part names become file names
 
 
 class Refused(Exception):
@@ -107,6 +106,9 @@ class FederationState:
         self.commits: dict[str, dict] = {}
         self.curves: dict[str, dict] = {}  # method "auto": the second round's commits
         self.traffic: dict[str, dict[str, int]] = {}
+        # Per site, the uploaded chunks no commit has consumed yet (sha256 -> bytes) and their total, for max_pending_bytes.
+        self.pending: dict[str, dict[str, int]] = {}
+        self.pending_bytes: dict[str, int] = {}
         for site_dir in sorted((self.dir / "sites").glob("*")):
             self._load_site(site_dir.name, site_dir)
         bases = self.dir / "bases" / "bases.json"
@@ -143,12 +145,18 @@ class FederationState:
     def _load_site(self, site: str, site_dir: Path) -> None:
         if (site_dir / "manifest.json").exists():
             self.manifests[site] = json_format.Parse((site_dir / "manifest.json").read_text(), pb.SiteManifest())
+        consumed = set()
         for store, where in ((self.commits, site_dir), (self.curves, site_dir / "curves")):
             if (where / "commit.json").exists():
                 store[site] = json.loads((where / "commit.json").read_text())
-                shutil.rmtree(site_dir / "chunks", ignore_errors=True)  # a crash between a commit and its cleanup
+                consumed.update(_chunks_of(store[site]["parts"]))
             else:
                 shutil.rmtree(where / "parts", ignore_errors=True)  # a crash between the parts and commit.json
+        # Chunks a landed commit consumed are gone (a crash between the commit and its cleanup); the others,
+        # e.g. the curves a site is uploading, are acknowledged and stay.
+        self._drop_chunks(site, consumed)
+        for chunk in sorted((site_dir / "chunks").glob("*")):
+            self._hold(site, chunk.name, chunk.stat().st_size)
         if (site_dir / "traffic.json").exists():
             self.traffic[site] = json.loads((site_dir / "traffic.json").read_text())
 
@@ -218,6 +226,7 @@ class FederationState:
     # -- calls ------------------------------------------------------------------------------------
 
     def join(self, site: str, manifest: pb.SiteManifest) -> str:
+        _check_tasks(self.config, manifest)
         with self._lock:
             before = self.manifests.get(site)
             if before == manifest:
@@ -226,7 +235,7 @@ class FederationState:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"federation {self.config.id} is closed ({self.message()}); it takes no more joins")
             if site in self.commits:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"site {site} already committed with another manifest; a commit is final")
-            _check_manifest(self.config, manifest, {s: m for s, m in self.manifests.items() if s != site})
+            _check_manifest(self.config, manifest, {t for s, m in self.manifests.items() if s != site for t in m.tasks})
             site_dir = self.dir / "sites" / site
             site_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(site_dir / "manifest.json", json_format.MessageToJson(manifest).encode())
@@ -238,8 +247,9 @@ class FederationState:
         bad = [d for d in digests if not SHA256.match(d)]
         if bad:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{bad[0]!r} is not a sha256 (64 lowercase hex digits)")
-        # A commit's chunks are gone, their bytes are in the committed parts; chunks to publish are kept.
-        held = {c for part in self.commits[site]["parts"] for c in part["chunks"]} if site in self.commits else set()
+        # The current round's commit consumed its chunks: their bytes are in the committed parts.
+        current = self.curves.get(site) if self.bases and site in self.bases["sites"] else self.commits.get(site)
+        held = _chunks_of(current["parts"]) if current else set()
         chunks = self.dir / "sites" / site / "chunks"
         return [d for d in digests if d not in held and not (chunks / d).is_file()]
 
@@ -256,12 +266,35 @@ class FederationState:
         if actual != digest:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"chunk sha256 is {actual}, not {digest} as sent; the chunk was damaged, send it again")
         chunks = self.dir / "sites" / site / "chunks"
+        with self._lock:
+            used = self.pending_bytes.get(site, 0)
+            if digest not in self.pending.get(site, {}) and used + len(data) > self.config.max_pending_bytes:
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"site {site} already holds {used} bytes of uploaded chunks that no commit has consumed, and the federation's "
+                    f"max_pending_bytes is {self.config.max_pending_bytes}; commit what is uploaded, or ask the operator to raise it",
+                )
         chunks.mkdir(exist_ok=True)
         already = (chunks / digest).is_file()
         if not already:
             write_atomic(chunks / digest, data)
+        with self._lock:
+            self._hold(site, digest, len(data))
         self.count(site, received=len(data))
         return already
+
+    def _hold(self, site: str, digest: str, size: int) -> None:
+        held = self.pending.setdefault(site, {})
+        if digest not in held:
+            held[digest] = size
+            self.pending_bytes[site] = self.pending_bytes.get(site, 0) + size
+
+    def _drop_chunks(self, site: str, digests: set[str]) -> None:
+        """Remove chunks a commit or a publication consumed (their bytes are in its files now)."""
+        held = self.pending.get(site, {})
+        for digest in digests:
+            (self.dir / "sites" / site / "chunks" / digest).unlink(missing_ok=True)
+            self.pending_bytes[site] = self.pending_bytes.get(site, 0) - held.pop(digest, 0)
 
     def commit(self, site: str, parts: list[pb.Part]) -> str:
         """The site's upload of the current round: its payload parts, or (method auto, state CURVES) its curves."""
@@ -292,13 +325,20 @@ class FederationState:
         where.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=where))
         try:
-            tasks = 0
+            tasks = numbers = 0
             for part in record:
                 file = staging / f"{part['name']}.safetensors"
                 _assemble(chunks, part, file)
                 tasks += self._check_payload(file, part["name"], manifest, kind)
+                numbers += _spectra_numbers(file, self.config.modules) if kind == "spectra" else 0
             if tasks != len(manifest.tasks):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the parts hold {tasks} tasks, the manifest lists {len(manifest.tasks)}; upload every task's share once")
+            # The budget of method auto is a share of every site's LoRA numbers: the ranks uploaded must give what was declared.
+            if kind == "spectra" and numbers != manifest.lora_numbers:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the manifest's lora_numbers {manifest.lora_numbers} differ from the {numbers} the spectra's ranks give; join again with {numbers}",
+                )
             with self._lock:
                 if site in store:  # a concurrent retry of this commit landed first
                     return self._same_commit(store[site], site, record)
@@ -311,7 +351,8 @@ class FederationState:
                 _write_json(where / "commit.json", store[site])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(chunks, ignore_errors=True)  # the parts hold the same bytes now
+        with self._lock:
+            self._drop_chunks(site, _chunks_of(record))
         return f"committed {len(record)} {kind} parts, {tasks} tasks"
 
     def publish(self, site: str, tasks: list[pb.PublishedTask]) -> str:
@@ -322,14 +363,15 @@ class FederationState:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"only a site aggregated into a DONE federation can publish; federation {self.config.id} is {self.state}: {self.message()}",
             )
-        names = [t.name for t in tasks]
-        if not names:
+        if not tasks:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "publish: no tasks; publish at least one")
-        for name in names:
-            if name not in manifest.tasks:
-                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"task {name!r} is not one of site {site}'s tasks; a site publishes only its own")
-            if names.count(name) > 1:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"publish: task {name} is listed twice")
+        own, names = set(manifest.tasks), set()
+        for t in tasks:
+            if t.name not in own:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"task {t.name!r} is not one of site {site}'s tasks; a site publishes only its own")
+            if t.name in names:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"publish: task {t.name} is listed twice")
+            names.add(t.name)
         result = self.dir / "result"
         staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=result))
         try:
@@ -345,6 +387,7 @@ class FederationState:
                 published = self.published | new
                 write_atomic(result / "manifest.json", self._bundle_manifest(published).model_dump_json(indent=2).encode())
                 self.published = published
+                self._drop_chunks(site, {c for t in tasks for part in (t.coefficients, t.extras) for c in part.chunks})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return f"published {len(new)} of {len(tasks)} tasks" + (" (the others again, same content)" if len(new) < len(tasks) else "")
@@ -557,12 +600,12 @@ class FederationState:
             _write_json(tmp / "result.json", result)
         self.result = result
 
-    def report(self) -> dict:
+    def report(self, site: str) -> dict:
+        """The federation's state and the calling site's own row: a site learns nothing of another's tasks or traffic."""
         r = self.result or {}
-        sites = {}
-        for site in self.config.sites:
-            manifest, commit, traffic = self.manifests.get(site), self.commits.get(site), self.traffic.get(site, {})
-            sites[site] = {
+        manifest, commit, traffic = self.manifests.get(site), self.commits.get(site), self.traffic.get(site, {})
+        sites = {
+            site: {
                 "joined": manifest is not None,
                 "tasks": len(manifest.tasks) if manifest else 0,
                 "upload_kind": manifest.upload_kind if manifest else None,
@@ -570,6 +613,7 @@ class FederationState:
                 "bytes_received": traffic.get("bytes_received", 0),
                 "bytes_sent": traffic.get("bytes_sent", 0),
             }
+        }
         return {
             "federation": self.config.id,
             "state": self.state,
@@ -588,7 +632,19 @@ class FederationState:
         }
 
 
-def _check_manifest(config: FederationConfig, m: pb.SiteManifest, others: dict[str, pb.SiteManifest]) -> None:
+def _check_tasks(config: FederationConfig, m: pb.SiteManifest) -> None:
+    """Task names become file names (coefficients/<task>.safetensors): each must be one; at most max_tasks."""
+    if len(m.tasks) > config.max_tasks:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the manifest lists {len(m.tasks)} tasks; the federation's max_tasks per site is {config.max_tasks}")
+    for task in m.tasks:
+        try:
+            safe_name(task)
+        except RMMError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+
+
+def _check_manifest(config: FederationConfig, m: pb.SiteManifest, taken: set[str]) -> None:
+    """Refuse a manifest that does not fit the federation; `taken`: the other sites' tasks."""
     def refuse(reason: str):
         raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"manifest does not match federation {config.id}: {reason}")
 
@@ -620,14 +676,32 @@ def _check_manifest(config: FederationConfig, m: pb.SiteManifest, others: dict[s
         refuse(f"canonicalize is {m.canonicalize}, the federation's is {config.canonicalize}; prepare the factors the same way")
     if not m.tasks:
         refuse("it lists no tasks")
-    if m.lora_numbers < 1:
-        refuse(f"lora_numbers is {m.lora_numbers}; give the LoRA numbers of the site's adapters")
+    # The budget is a share of the sites' LoRA numbers: each task holds every module at a rank from 1 to the site's.
+    least = len(m.tasks) * sum(x.out_features + x.in_features for x in m.modules)
+    most = len(m.tasks) * sum(x.rank * (x.out_features + x.in_features) for x in m.modules)
+    if not least <= m.lora_numbers <= most:
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"lora_numbers {m.lora_numbers} is impossible for {len(m.tasks)} tasks on these modules and ranks ({least} to {most}); "
+            "give the LoRA numbers of the site's adapters",
+        )
+    seen = set()
     for task in m.tasks:
-        if list(m.tasks).count(task) > 1:
+        if task in seen:
             refuse(f"task {task!r} is listed twice")
-        holder = next((s for s, o in others.items() if task in o.tasks), None)
-        if holder:
-            refuse(f"task {task!r} is already held by site {holder}; task names must be unique across sites")
+        seen.add(task)
+        if task in taken:  # never say which site holds it: a site learns nothing of the others
+            refuse(f"task {task!r} is already held by another site; task names must be unique across sites")
+
+
+def _chunks_of(parts: list[dict]) -> set[str]:
+    return {c for part in parts for c in part["chunks"]}
+
+
+def _spectra_numbers(file: Path, modules: list[ModuleEntry]) -> int:
+    """The LoRA numbers of a (checked) spectra payload's tasks at their own ranks, from the ranks it carries."""
+    with open_safetensors(file) as f:
+        return sum(int(read_tensor(f, file, f"{m.name}.ranks").sum()) * (m.out_features + m.in_features) for m in modules)
 
 
 def _check_parts(parts: list[dict], call: str = "commit") -> None:
@@ -636,12 +710,15 @@ def _check_parts(parts: list[dict], call: str = "commit") -> None:
 
     if not parts:
         refuse("no parts; commit at least one part")
-    names = [p["name"] for p in parts]
+    names = set()
     for p in parts:
-        if not _NAME.match(p["name"]):
-            refuse(f"part name {p['name']!r}: letters, digits, '.', '_' or '-', at most 64")
-        if names.count(p["name"]) > 1:
+        try:
+            safe_name(p["name"], "part name")  # parts become file names
+        except RMMError as e:
+            refuse(str(e))
+        if p["name"] in names:
             refuse(f"part {p['name']} is listed twice")
+        names.add(p["name"])
         if not p["chunks"]:
             refuse(f"part {p['name']} lists no chunks")
         for digest in (p["sha256"], *p["chunks"]):

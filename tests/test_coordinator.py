@@ -137,10 +137,10 @@ def test_three_sites_get_the_centralised_basis(world, tmp_path):
             await stub.Commit(pb.CommitRequest(federation_id="fed", site_id="c", parts=[chunks_of(world.sites["c"].file)[1]]), metadata=auth("c"), timeout=10)
             basis = await download(stub, "b")
             tail = await download(stub, "b", offset=100)
-            report = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
-        return done, config, basis, tail, report
+            reports = [json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id=s), metadata=auth(s), timeout=10)).json) for s in "abc"]
+        return done, config, basis, tail, reports
 
-    done, config, basis, tail, report = asyncio.run(main())
+    done, config, basis, tail, reports = asyncio.run(main())
     assert done.state == "DONE", done.message
     assert done.committed_sites == ["a", "b", "c"]
     files = [world.sites[s].file for s in "abc"]
@@ -151,10 +151,12 @@ def test_three_sites_get_the_centralised_basis(world, tmp_path):
     assert tail == basis[100:]
     assert (done.basis_sha256, done.basis_size) == (sha(basis), len(basis))
     assert "token_sha256" not in config.federation_config_json
+    report = reports[0]
     assert report["state"] == "DONE" and [m["p"] for m in report["modules"]] == [m.p for m in modules]
-    assert {s: r["tasks"] for s, r in report["sites"].items()} == {"a": 1, "b": 2, "c": 2}
-    assert {s: r["bytes_received"] for s, r in report["sites"].items()} == {s: world.sites[s].file.stat().st_size for s in "abc"}
-    assert {s: r["bytes_sent"] for s, r in report["sites"].items()} == {"a": 0, "b": 2 * len(basis) - 100, "c": 0}
+    rows = {s: r["sites"][s] for s, r in zip("abc", reports) if list(r["sites"]) == [s]}  # each site sees its own row only
+    assert {s: r["tasks"] for s, r in rows.items()} == {"a": 1, "b": 2, "c": 2}
+    assert {s: r["bytes_received"] for s, r in rows.items()} == {s: world.sites[s].file.stat().st_size for s in "abc"}
+    assert {s: r["bytes_sent"] for s, r in rows.items()} == {"a": 0, "b": 2 * len(basis) - 100, "c": 0}
     assert set(report["energy"]) == {m.name for m in modules}
 
 
@@ -431,3 +433,123 @@ def test_auto_fails_at_the_deadline_of_its_second_round(world, two_sites, tmp_pa
 
     final = asyncio.run(main())
     assert final.state == "FAILED" and "without the curves of b" in final.message, final.message
+
+
+def _manifest(base: pb.SiteManifest, **fields) -> pb.SiteManifest:
+    """A copy of `base` with some fields replaced (repeated fields whole)."""
+    m = pb.SiteManifest()
+    m.CopyFrom(base)
+    for key, value in fields.items():
+        if isinstance(value, list):
+            del getattr(m, key)[:]
+            getattr(m, key).extend(value)
+        else:
+            setattr(m, key, value)
+    return m
+
+
+def test_each_site_learns_only_about_itself_within_its_quotas(world, tmp_path):
+    """No site's name, tasks or traffic reach another site; task names are file names; quotas hold;
+    a 20,000-task join is linear."""
+    state_dir = tmp_path / "state"
+    fed = federation(world, max_pending_bytes=2 * CHUNK + 10, max_tasks=20_000)
+    a, b = world.sites["a"], world.sites["b"]
+
+    async def main():
+        async with serving(coordinator_config(state_dir, fed)) as (stub, _, _):
+            async def refused(site, manifest=None, chunk=None):
+                before = snapshot(state_dir)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    if chunk is None:
+                        await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifest), metadata=auth(site), timeout=10)
+                    else:
+                        request = pb.UploadChunkRequest(federation_id="fed", site_id=site, sha256=sha(chunk), data=chunk)
+                        await stub.UploadChunk(request, metadata=auth(site), timeout=10)
+                assert snapshot(state_dir) == before
+                return e.value
+
+            await stub.Join(pb.JoinRequest(federation_id="fed", site_id="a", manifest=a.manifest), metadata=auth("a"), timeout=10)
+            taken = await refused("b", _manifest(b.manifest, tasks=[*b.manifest.tasks, a.manifest.tasks[0]]))
+            names = [await refused("b", _manifest(b.manifest, tasks=[name])) for name in ("", "a\nb", "../../etc/passwd", "x" * 200)]
+            many = await refused("b", _manifest(b.manifest, tasks=[f"t{i}" for i in range(20_001)]))
+            clock = time.perf_counter()
+            for site in "bc":  # b's two tasks 10,000 times over
+                manifest = _manifest(b.manifest, tasks=[f"{site}{i}" for i in range(20_000)], lora_numbers=10_000 * b.manifest.lora_numbers)
+                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifest), metadata=auth(site), timeout=10)
+            joins = time.perf_counter() - clock
+            for i in range(2):
+                data = bytes([i]) * CHUNK
+                await stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=sha(data), data=data), metadata=auth("a"), timeout=10)
+            full = await refused("a", chunk=b"\x02" * CHUNK)
+            other = bytes([3]) * CHUNK  # the quota is per site: b uploads as much again
+            await stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="b", sha256=sha(other), data=other), metadata=auth("b"), timeout=10)
+            report = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="b"), metadata=auth("b"), timeout=10)).json)
+        return taken, names, many, joins, full, report
+
+    taken, names, many, joins, full, report = asyncio.run(main())
+    assert taken.code() == Code.FAILED_PRECONDITION and "already held by another site" in taken.details()
+    assert "site a" not in taken.details() and " a;" not in taken.details()
+    for e in names:
+        assert e.code() == Code.INVALID_ARGUMENT and "cannot be used as a file name" in e.details(), e.details()
+    assert many.code() == Code.RESOURCE_EXHAUSTED and "max_tasks" in many.details()
+    assert joins < 1.0, f"two 20,000-task joins took {joins:.2f} s"
+    assert full.code() == Code.RESOURCE_EXHAUSTED and "max_pending_bytes" in full.details()
+    assert list(report["sites"]) == ["b"] and report["sites"]["b"]["tasks"] == 20_000
+    assert report["sites"]["b"]["bytes_received"] == CHUNK
+
+
+def test_acknowledged_curves_chunks_survive_a_restart(world, two_sites, tmp_path):
+    """Method auto: curves chunks acknowledged before a restart are still held after it; the commit
+    needs no re-upload."""
+    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    config = coordinator_config(tmp_path / "state", fed)
+
+    async def main():
+        async with serving(config) as (stub, _, _):
+            for site in "ab":
+                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]), metadata=auth(site), timeout=10)
+                await commit_file(stub, site, two_sites.spectra[site])
+            assert (await status(stub, "a", wait=30)).state == "CURVES"
+            curves = await curves_of(stub, world, two_sites, "a", tmp_path)
+            part = await upload(stub, "fed", "a", curves)
+        async with serving(config) as (stub, _, _):
+            ask = pb.MissingChunksRequest(federation_id="fed", site_id="a", sha256=part.chunks)
+            missing = list((await stub.MissingChunks(ask, metadata=auth("a"), timeout=10)).sha256)
+            await stub.Commit(pb.CommitRequest(federation_id="fed", site_id="a", parts=[part]), metadata=auth("a"), timeout=30)
+            return missing, await status(stub, "a")
+
+    missing, after = asyncio.run(main())
+    assert missing == [] and after.state == "CURVES" and "waiting for the curves of b" in after.message
+
+
+def test_lora_numbers_are_checked_not_trusted(world, two_sites, tmp_path):
+    """A site cannot set the federation's budget: lora_numbers outside what its modules and task count
+    allow is refused at Join; under method auto, any value other than what its spectra's ranks give is
+    refused at commit."""
+    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    manifest = two_sites.manifests["a"]
+    true = manifest.lora_numbers
+
+    async def main():
+        async with serving(coordinator_config(tmp_path / "state", fed)) as (stub, _, _):
+            def join(numbers):
+                m = _manifest(manifest, lora_numbers=numbers)
+                return stub.Join(pb.JoinRequest(federation_id="fed", site_id="a", manifest=m), metadata=auth("a"), timeout=10)
+
+            out = []
+            for numbers in (10**12, 1):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await join(numbers)
+                out.append(e.value)
+            await join(true - 1)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await commit_file(stub, "a", two_sites.spectra["a"])
+            out.append(e.value)
+            await join(true)
+            await commit_file(stub, "a", two_sites.spectra["a"])
+            return out
+
+    big, small, off = asyncio.run(main())
+    for e in (big, small):
+        assert e.code() == Code.INVALID_ARGUMENT and "lora_numbers" in e.details(), e.details()
+    assert off.code() == Code.INVALID_ARGUMENT and f"lora_numbers {true - 1}" in off.details() and str(true) in off.details(), off.details()
