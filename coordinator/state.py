@@ -48,7 +48,7 @@ from coordinator.config import MAX_CHUNK, FederationConfig
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm import __version__
 from rmm.adapter import lora_scaling, module_name
-from rmm.bundle import BASIS_FILE, FACTORS, Manifest, ModuleEntry, Report, Storage, TaskEntry, coefficients_file, extras_file, read_manifest
+from rmm.bundle import BASIS_FILE, FACTORS, Manifest, ModuleEntry, Report, Storage, TaskEntry, coefficients_file, extras_file, file_hashes, read_manifest
 from rmm.errors import RMMError
 from rmm.io import atomic_dir, open_safetensors, read_all, read_tensor, safe_name, sha256_file
 from rmm.merge import coef_specs, plan_modules
@@ -456,6 +456,7 @@ class FederationState:
             t.name: sum(lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features) for m in modules) for t in published.values()
         }
         original_bytes = sum(n * getattr(torch, published[t].dtype).itemsize for t, n in originals.items())
+        tasks = [published[t] for t in r["tasks"] if t in published]
         storage = Storage(
             numbers_stored=numbers, numbers_original=sum(originals.values()), ratio=numbers / sum(originals.values()),
             bytes_stored=size, bytes_original=original_bytes,
@@ -465,9 +466,10 @@ class FederationState:
             created=_iso(r["finished"]),
             options=self.config.merge_options(),
             storage_dtype=self.config.basis_dtype,
-            tasks=[published[t] for t in r["tasks"] if t in published],
+            tasks=tasks,
             modules=modules,
             basis_sha256=r["basis_sha256"],
+            files=file_hashes(bundle, tasks),
             # Errors are measured by the sites and stay there; the energy is the coordinator's own.
             report=Report(storage=storage, errors={}, energy=r["energy"], seconds={}),
         )

@@ -18,8 +18,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import save_file
 
 from rmm.errors import RMMError
@@ -29,12 +31,64 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's key prefix in front of the base model's module names
 _A, _B = ".lora_A.weight", ".lora_B.weight"
-# Keys that mean a LoRA variant whose update is not `s * B @ A`; refused by name.
+# Tensors of a LoRA variant whose update is not `s * B @ A`, refused by name; any other "lora_*" tensor besides
+# lora_A / lora_B weights is refused too, as a variant rmm does not know.
 _REFUSED_KEYS = {
     "lora_magnitude_vector": "DoRA adapters (use_dora) are not supported: their update is not s * B @ A",
     "lora_B.bias": "adapters with lora_bias are not supported: their update is not s * B @ A",
     "lora_embedding_": "LoRA on embedding layers is not supported yet; target Linear layers only",
 }
+# Per-module tensors that do not enter the update: VeLoRA's projection for the backward pass. Carried as extras.
+_TRAINING_ONLY = {"lora_velora_embed"}
+# adapter_config fields (PEFT 0.21's LoraConfig) that change the update, or what it applies to, in ways rmm does not
+# model: refused by name when set to anything but PEFT's default (None, False or empty).
+_REFUSED_FIELDS = {
+    "use_dora": _REFUSED_KEYS["lora_magnitude_vector"],
+    "lora_bias": _REFUSED_KEYS["lora_B.bias"],
+    "kasa_config": "KaSA adapters (kasa_config) are not supported: their update is s * B diag(d) A, not s * B @ A",
+    "use_bdlora": "BD-LoRA adapters (use_bdlora) are not supported: their factors are block-diagonal over sharded layers",
+    "use_qalora": "QA-LoRA adapters (use_qalora) are not supported: their lora_A acts on group-pooled inputs",
+    "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not supported: their factors are sampled around the saved ones",
+    "arrow_config": "Arrow adapters (arrow_config) are not supported: they route each token among several LoRA experts",
+    "target_parameters": "LoRA on parameters (target_parameters) is not supported; target Linear layers only",
+    "layer_replication": "adapters on replicated layers (layer_replication) are not supported",
+    "megatron_config": "adapters on Megatron parallel layers (megatron_config) are not supported: their factors may be saved sharded",
+}
+# The other fields PEFT writes: metadata, which modules (and extras) are trained, initialisation (LoftQ, EVA, CorDA,
+# LoRA-GA, PiSSA, ...), training only (dropout, VeLoRA) or when the update applies (aLoRA). The saved B and A keep
+# meaning s * B @ A, and revert writes each task's own config back. Fields not listed anywhere are refused when set.
+_KNOWN_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "trainable_token_indices", "ensure_weight_tying",
+    "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "alora_invocation_tokens", "megatron_core", "qalora_group_size", "runtime_config",
+}
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Scaling(BaseModel):
+    """The config fields that give each module's rank and scaling, typed strictly (the others are checked above)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    r: PositiveInt
+    lora_alpha: PositiveFloat = 8  # PEFT's default
+    use_rslora: bool = False
+    rank_pattern: dict[str, PositiveInt] | None = None
+    alpha_pattern: dict[str, PositiveFloat] | None = None
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _regexes(cls, patterns: dict | None) -> dict | None:
+        for key in patterns or {}:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{key!r} is not a regular expression ({e})") from None
+        return patterns
 
 
 @dataclass(frozen=True)
@@ -141,6 +195,9 @@ def open_adapter(path: str | Path) -> LoraAdapter:
         for marker, reason in _REFUSED_KEYS.items():
             if marker in key:
                 raise RMMError(reason, file=weights, module=key)
+        unknown = [part for part in key.split(".") if part.startswith("lora_") and part not in ("lora_A", "lora_B", *_TRAINING_ONLY)]
+        if unknown:
+            raise RMMError(f"tensor {unknown[0]!r} is not part of a plain LoRA (a variant rmm does not model); only lora_A and lora_B are", file=weights, module=key)
     prefixes = sorted({k[: -len(_A)] for k in header if k.endswith(_A)} | {k[: -len(_B)] for k in header if k.endswith(_B)})
     if not prefixes:
         raise RMMError("no lora_A / lora_B weights found", file=weights)
@@ -277,10 +334,14 @@ def _read_config(path: Path) -> dict:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise RMMError(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged", file=cfg_file)
-    if config.get("use_dora"):
-        raise RMMError(_REFUSED_KEYS["lora_magnitude_vector"], file=cfg_file)
-    if config.get("lora_bias"):
-        raise RMMError(_REFUSED_KEYS["lora_B.bias"], file=cfg_file)
-    if not isinstance(config.get("r"), int) or config["r"] <= 0:
-        raise RMMError(f"'r' must be a positive integer, got {config.get('r')!r}", file=cfg_file)
+    for field, value in config.items():
+        if field in _REFUSED_FIELDS and value not in (None, False, {}, []):
+            raise RMMError(_REFUSED_FIELDS[field], file=cfg_file)
+        if field not in _REFUSED_FIELDS and field not in _KNOWN_FIELDS and value not in (None, False, {}, []):
+            raise RMMError(f"unknown field {field!r} = {str(value)[:60]}: rmm cannot tell whether it changes the update", file=cfg_file)
+    try:
+        _Scaling.model_validate(config)
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise RMMError(f"{'.'.join(map(str, error['loc']))}: {error['msg']} (got {str(error['input'])[:60]})", file=cfg_file) from None
     return config

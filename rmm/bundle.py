@@ -1,7 +1,8 @@
 """The basis bundle on disk: what it holds, and the typed manifest that describes it.
 
     BUNDLE/
-      manifest.json                  tasks, modules (how each is stored), options, input hashes, report
+      manifest.json                  tasks, modules (how each is stored), options, the sha256 of the inputs and
+                                     of every file below, report
       basis.safetensors              what the tasks share, per module
       coefficients/<task>.safetensors  what each task keeps on its own, per module
       extras/<task>.safetensors      the task's non-LoRA tensors (modules_to_save), untouched
@@ -14,19 +15,23 @@ A module is stored one of three ways (`ModuleEntry.method`):
             dW_t = U M_t V^T
 
 Reverting one task reads the basis (one module at a time) and that task's two small files only.
+Bundles are shared artefacts: every name that becomes a path is checked when the manifest is read,
+and every file is checked against its recorded sha256 before it is used.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rmm.errors import RMMError
+from rmm.io import safe_name, sha256_file
 
-FORMAT = "rmm-bundle/1"
+FORMAT = "rmm-bundle/2"  # 2: the sha256 of every file (`files`)
 MANIFEST = "manifest.json"
 BASIS_FILE = "basis.safetensors"
 FACTORS = ("B", "A")  # B positions are rows of lora_B, A positions are columns of lora_A
@@ -70,37 +75,53 @@ class MergeOptions(_Strict):
             self.storage_ratio = 0.5
         if self.basis_size is not None and self.basis_size < 0:
             raise ValueError("basis_size must be >= 0")
-        if self.storage_ratio is not None and not 0 < self.storage_ratio:
-            raise ValueError("storage_ratio must be > 0")
+        if self.storage_ratio is not None and not (0 < self.storage_ratio and math.isfinite(self.storage_ratio)):
+            raise ValueError("storage_ratio must be a finite number > 0")
         return self
 
 
+DType = Literal["float64", "float32", "float16", "bfloat16"]
+Count = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(gt=0)]
+
+
 class TaskEntry(_Strict):
-    name: str
+    name: str  # its files: coefficients/<name>.safetensors, extras/<name>.safetensors; reverted as <out>/<name>/
     source: str
     sha256: str  # of adapter_model.safetensors
-    dtype: str  # the original LoRA weights' dtype, restored on revert
+    dtype: DType  # the original LoRA weights' dtype, restored on revert
     config: dict  # the original adapter_config.json
     extras: list[str]  # non-LoRA tensor keys carried through
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        return safe_name(name)
 
 
 class ModuleEntry(_Strict):
     name: str  # key prefix, e.g. "base_model.model.model.layers.0.self_attn.q_proj"
-    out_features: int
-    in_features: int
-    rank: int  # largest rank over tasks; lower ranks are zero-padded after folding scaling
-    p: int  # basis size of a "shared" module (0 otherwise)
+    out_features: Positive
+    in_features: Positive
+    rank: Positive  # largest rank over tasks; lower ranks are zero-padded after folding scaling
+    p: Count  # basis size of a "shared" module (0 otherwise)
     method: Literal["shared", "truncate", "joint"] = "shared"
-    ranks: dict[str, int] | None = None  # "truncate": task -> the rank it keeps
-    size: tuple[int, int] | None = None  # "joint": (Ku, Kv) shared directions on the out and in sides
+    ranks: dict[str, Count] | None = None  # "truncate": task -> the rank it keeps
+    size: tuple[Count, Count] | None = None  # "joint": (Ku, Kv) shared directions on the out and in sides
+
+    @model_validator(mode="after")
+    def _described(self) -> "ModuleEntry":
+        if self.method == "truncate" and self.ranks is None or self.method == "joint" and self.size is None:
+            raise ValueError(f"module {self.name} is stored as {self.method} without its {'ranks' if self.method == 'truncate' else 'size'}")
+        return self
 
 
 class Storage(_Strict):
-    numbers_stored: int  # counted from the tensors written (basis, means, coefficients)
-    numbers_original: int  # LoRA numbers of all T input adapters, at their own ranks
+    numbers_stored: Count  # counted from the tensors written (basis, means, coefficients)
+    numbers_original: Positive  # LoRA numbers of all T input adapters, at their own ranks
     ratio: float  # numbers_stored / numbers_original
-    bytes_stored: int  # tensor bytes of basis + coefficients (headers excluded)
-    bytes_original: int  # tensor bytes of the inputs' LoRA weights
+    bytes_stored: Count  # tensor bytes of basis + coefficients (headers excluded)
+    bytes_original: Positive  # tensor bytes of the inputs' LoRA weights
 
 
 class Report(_Strict):
@@ -114,16 +135,33 @@ class Report(_Strict):
 
 
 class Manifest(_Strict):
-    format: Literal["rmm-bundle/1"] = FORMAT
+    format: Literal["rmm-bundle/2"] = FORMAT
     tool_version: str
     created: str
     options: MergeOptions
     scaling: str = "folded: dW = B @ A with sqrt(scaling) in each factor; reverted adapters have lora_alpha == r"
     storage_dtype: str
-    tasks: list[TaskEntry]
-    modules: list[ModuleEntry]
+    tasks: list[TaskEntry] = Field(min_length=1)
+    modules: list[ModuleEntry] = Field(min_length=1)
     basis_sha256: str | None = None  # set when the basis was given (a federation's), not solved here
+    files: dict[str, str]  # sha256 of every file of `bundle_files`, by its path in the bundle
     report: Report
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        names = [t.name for t in self.tasks]
+        for what, seen in (("task", names), ("module", [m.name for m in self.modules])):
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"{what} {next(n for n in seen if seen.count(n) > 1)!r} is listed twice")
+        for m in self.modules:
+            if m.method == "truncate" and set(m.ranks) != set(names):
+                raise ValueError(f"module {m.name} gives ranks for {sorted(m.ranks)}, not for the tasks {names}")
+            if m.name not in self.report.energy:
+                raise ValueError(f"report.energy has no entry for module {m.name}")
+        missing = [f for f in bundle_files(self.tasks) if f not in self.files]
+        if missing:
+            raise ValueError(f"files records no sha256 for {missing[0]}")
+        return self
 
     def task(self, name: str) -> TaskEntry:
         for t in self.tasks:
@@ -135,11 +173,42 @@ class Manifest(_Strict):
         (bundle / MANIFEST).write_text(self.model_dump_json(indent=2) + "\n")
 
 
+def bundle_files(tasks: list[TaskEntry]) -> list[str]:
+    """The bundle's data files, by their paths in it: the basis, then each task's coefficients and extras."""
+    files = [Path(BASIS_FILE)]
+    for t in tasks:
+        files += [coefficients_file(Path(), t.name)] + ([extras_file(Path(), t.name)] if t.extras else [])
+    return [f.as_posix() for f in files]
+
+
+def file_hashes(bundle: Path, tasks: list[TaskEntry]) -> dict[str, str]:
+    """`Manifest.files` of a bundle whose files are written."""
+    return {f: sha256_file(bundle / f) for f in bundle_files(tasks)}
+
+
+def checked_file(bundle: Path, manifest: Manifest, file: Path) -> Path:
+    """`file` of the bundle, once its bytes are those the manifest recorded: nothing damaged or swapped is used."""
+    if not file.is_file():
+        raise RMMError("missing from the bundle", file=file)
+    if sha256_file(file) != manifest.files[file.relative_to(bundle).as_posix()]:
+        raise RMMError("sha256 differs from the manifest's: the file was damaged or replaced; copy the bundle again", file=file)
+    return file
+
+
 def read_manifest(bundle: str | Path) -> Manifest:
+    """The bundle's manifest, checked: a crafted one is refused before any of its names is used."""
     file = Path(bundle) / MANIFEST
     if not file.is_file():
         raise RMMError(f"no {MANIFEST}: not an RMM bundle", file=bundle)
     try:
-        return Manifest.model_validate(json.loads(file.read_text()))
-    except (json.JSONDecodeError, ValidationError) as e:
-        raise RMMError(f"invalid manifest: {e}", file=file) from None
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RMMError(f"invalid JSON ({e})", file=file) from None
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        raise RMMError(f"bundle format {data.get('format')!r} is not {FORMAT!r}: merge the adapters again with this rmm", file=file)
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = f" at {'.'.join(map(str, error['loc']))!r}" if error["loc"] else ""
+        raise RMMError(f"invalid manifest{where}: {error['msg']}", file=file) from None

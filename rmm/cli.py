@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/<task>/")
     p.add_argument("--task", action="append", metavar="NAME", help="task to revert (repeatable; default all)")
+    p.add_argument("--force", action="store_true", help="replace DIR/<task> if it exists (nothing else in DIR is touched)")
     p.set_defaults(run=_revert)
 
     p = verbs.add_parser("inspect", help="tasks, p, storage and reconstruction error of a bundle")
@@ -112,7 +113,7 @@ def _merge(args) -> int:
 def _revert(args) -> int:
     from rmm.merge import revert
 
-    written = revert(args.bundle, args.out, args.task)
+    written = revert(args.bundle, args.out, args.task, force=args.force)
     console.print(f"reverted {len(written)} task(s) into {args.out}: {', '.join(written)}", highlight=False)
     return 0
 

@@ -30,14 +30,16 @@ from rmm.bundle import (
     Report,
     Storage,
     TaskEntry,
+    checked_file,
     coefficients_file,
     extras_file,
+    file_hashes,
     read_manifest,
 )
 from rmm.allocate import Choice, Curves, allocate, curves, joint_bases, stacked_roots
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, sha256_file
+from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, safe_name, sha256_file
 from rmm.metrics import frobenius_inner, relative_error
 from rmm.solver import Moments, coefficients, energy_kept, reconstruct, solve, storage_numbers
 
@@ -111,47 +113,74 @@ def merge(
             bytes_stored=sum(w.bytes for w in written),
             bytes_original=sum(a.lora_bytes for a in adapters),
         )
+        tasks = [
+            TaskEntry(name=a.name, source=str(a.path.resolve()), sha256=a.sha256, dtype=_dtype_name(a.dtype), config=a.config, extras=list(a.extra_keys))
+            for a in adapters
+        ]
         manifest = Manifest(
             tool_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             options=options,
             storage_dtype=_dtype_name(dtype),
-            tasks=[
-                TaskEntry(name=a.name, source=str(a.path.resolve()), sha256=a.sha256, dtype=_dtype_name(a.dtype), config=a.config, extras=list(a.extra_keys))
-                for a in adapters
-            ],
+            tasks=tasks,
             modules=modules,
             basis_sha256=sha256_file(basis) if basis is not None else None,
+            files=file_hashes(tmp, tasks),
             report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
         )
         manifest.write(tmp)
     return manifest
 
 
-def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, *, progress: bool = True) -> dict[str, Path]:
-    """Rebuild tasks' adapters (all by default) as PEFT directories `out/<task>/`."""
+def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, *, progress: bool = True, force: bool = False) -> dict[str, Path]:
+    """Rebuild tasks' adapters (all by default) as PEFT directories `out/<task>/`.
+
+    Nothing else in `out` is touched, and an existing `out/<task>` is replaced only with `force`.
+    Every file the tasks need is checked first (its sha256, tensors and finite values), so a
+    damaged bundle reverts no task at all; each adapter is then written whole or not at all.
+    """
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
-    entries = [manifest.task(n) for n in tasks] if tasks else manifest.tasks
+    entries = [manifest.task(safe_name(n, file=bundle)) for n in dict.fromkeys(tasks)] if tasks else manifest.tasks
+    for entry in entries:
+        target = out / entry.name
+        check_output(target, force, [bundle])
+        if target.resolve().parent != out.resolve():  # a link to elsewhere
+            raise RMMError(f"resolves to {target.resolve()}, outside the output directory", file=target)
+    dtype = getattr(torch, manifest.storage_dtype)
+    basis_path = _checked_tensors(bundle, manifest, bundle / BASIS_FILE, basis_specs(manifest.modules, dtype))
+    for entry in entries:
+        _checked_tensors(bundle, manifest, coefficients_file(bundle, entry.name), coef_specs(manifest.modules, dtype, entry.name))
+        if entry.extras:
+            checked_file(bundle, manifest, extras_file(bundle, entry.name))
     written = {}
-    basis_path = bundle / BASIS_FILE
     with open_safetensors(basis_path) as fb:
         for entry in track(entries, description="reverting tasks", disable=not progress, transient=True):
-            coef_path = coefficients_file(bundle, entry.name)
-            coefs = read_all(coef_path)
+            coefs = read_all(coefficients_file(bundle, entry.name))
             factors = {}
             for mod in manifest.modules:
                 shared = {k: read_tensor(fb, basis_path, f"{mod.name}.{k}") for k in SHARED_KEYS[mod.method]}
-                own = {}
-                for k in OWN_KEYS[mod.method]:
-                    if f"{mod.name}.{k}" not in coefs:
-                        raise RMMError(f"coefficients {mod.name}.{k!r} missing", file=coef_path, module=mod.name)
-                    own[k] = coefs[f"{mod.name}.{k}"]
-                factors[mod.name] = module_factors(mod, shared, own)
+                factors[mod.name] = module_factors(mod, shared, {k: coefs[f"{mod.name}.{k}"] for k in OWN_KEYS[mod.method]})
             extras = read_all(extras_file(bundle, entry.name)) if entry.extras else {}
             write_adapter(out / entry.name, entry.config, factors, extras, getattr(torch, entry.dtype))
             written[entry.name] = out / entry.name
     return written
+
+
+def _checked_tensors(bundle: Path, manifest: Manifest, file: Path, specs: dict) -> Path:
+    """A file of the bundle with the recorded sha256, holding exactly the finite tensors of `specs` (shapes from the manifest)."""
+    checked_file(bundle, manifest, file)
+    with open_safetensors(file) as f:
+        keys = set(f.keys())
+        if keys != specs.keys():
+            raise RMMError(f"holds other tensors than the manifest's modules need ({sorted(keys ^ specs.keys())[0]} differs)", file=file)
+        for key, (_, shape) in specs.items():
+            x = read_tensor(f, file, key)
+            if tuple(x.shape) != shape or not x.is_floating_point():
+                raise RMMError(f"{key} is {x.dtype} {tuple(x.shape)}; the manifest needs floats of shape {shape}", file=file)
+            if not torch.isfinite(x).all():
+                raise RMMError(f"{key} holds NaN or Inf values", file=file)
+    return file
 
 
 def choose_basis_size(storage_ratio: float, shapes: list[tuple[int, int]], numbers_original: int, tasks: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmm.bundle import BASIS_FILE, ModuleEntry, coefficients_file, read_manifest
+from rmm.bundle import BASIS_FILE, ModuleEntry, bundle_files, checked_file, coefficients_file, read_manifest
 from rmm.allocate import joint_numbers
 from rmm.solver import storage_numbers
 
@@ -31,6 +31,8 @@ def allocation(mod: ModuleEntry) -> str:
 def inspect_bundle(bundle: Path) -> dict:
     """Everything `rmm inspect` shows, as plain data: storage by formula and on disk, allocation, errors, energy."""
     m = read_manifest(bundle)
+    for file in bundle_files(m.tasks):
+        checked_file(bundle, m, bundle / file)
     T = len(m.tasks)
     formula = sum(stored_numbers(mod, T) for mod in m.modules)
     files = [bundle / BASIS_FILE] + [coefficients_file(bundle, t.name) for t in m.tasks]

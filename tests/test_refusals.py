@@ -4,13 +4,17 @@ import json
 import shutil
 
 import pytest
+import torch
 from peft import IA3Config, LoraConfig, get_peft_model
+from peft.tuners.lora.config import BdLoraConfig, KasaConfig, VeloraConfig
 from safetensors.torch import load_file, save_file
 
 from conftest import LLAMA, load_base, make_adapter
 from rmm.cli import main
 from rmm.errors import RMMError
-from rmm.merge import merge
+from rmm.adapter import open_adapter
+from rmm.bundle import MergeOptions
+from rmm.merge import merge, revert
 
 
 def _copy(src, dst):
@@ -43,6 +47,17 @@ def _bad(name, llama_base, good, root):
         return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))], "DoRA"
     if name == "lora_bias":
         return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True))], "lora_bias"
+    if name == "kasa":
+        return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, kasa_config=KasaConfig()))], "KaSA adapters (kasa_config)"
+    if name == "kasa_tensors":  # its config says nothing: the lora_diag tensors alone are refused
+        _edit_config(_peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, kasa_config=KasaConfig())), kasa_config=None)
+        return [good, bad], "'lora_diag'"
+    if name == "bdlora":
+        bd = BdLoraConfig(target_modules_bd_a=["q_proj", "v_proj"], target_modules_bd_b=["down_proj"], nblocks=2)
+        return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, use_bdlora=bd))], "BD-LoRA adapters (use_bdlora)"
+    if name in VARIANT_FIELDS:
+        _edit_config(_copy(good, bad), **{name: VARIANT_FIELDS[name]})
+        return [good, bad], name
     if name == "ia3":
         return [good, _peft_variant(llama_base, bad, IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))], "only LORA"
     if name == "pickle":
@@ -86,7 +101,13 @@ def _bad(name, llama_base, good, root):
     raise AssertionError(name)
 
 
-CASES = ["dora", "lora_bias", "ia3", "pickle", "base_model", "module_set", "shape", "nan", "inf", "truncated", "corrupt", "duplicate", "rank_mismatch", "not_adapter"]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+# Config fields of LoRA variants rmm does not model, set as PEFT would save them; one rmm has never heard of.
+VARIANT_FIELDS = {
+    "use_qalora": True, "monteclora_config": {"monteclora_n": 8}, "arrow_config": {"top_k": 3}, "target_parameters": ["mlp.experts.gate_up_proj"],
+    "layer_replication": [[0, 2], [1, 2]], "megatron_config": {"tensor_model_parallel_size": 2}, "use_future_variant": True,
+}
+CASES = ["kasa", "kasa_tensors", "bdlora", *VARIANT_FIELDS, "dora", "lora_bias", "ia3", "pickle", "base_model", "module_set", "shape", "nan", "inf", "truncated", "corrupt", "duplicate", "rank_mismatch", "not_adapter"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -136,3 +157,102 @@ def test_bad_options_are_refused(adapters, tmp_path, capsys):
     assert "apply to method rmm-paper" in capsys.readouterr().err
     assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--basis-size", "-1"]) == 2
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def merged(adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "bundle"
+    merge(adapters[:2], out, progress=False)
+    return out
+
+
+def _manifest(bundle, fn):
+    m = json.loads((bundle / "manifest.json").read_text())
+    fn(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _cli_case(case, adapters, bundle, tmp):
+    """The argv of one bad command line, after damaging `bundle` (a copy) or copies of adapters as it needs."""
+    ins = [str(a) for a in adapters[:2]]
+
+    def config(**changes):
+        bad = _copy(adapters[1], tmp / "bad")
+        _edit_config(bad, **changes)
+        return ["merge", ins[0], str(bad), "--out", str(tmp / "out")]
+
+    if case == "out unwritable":
+        return ["merge", *ins, "--out", "/sys/rmm-test-bundle"]
+    if case == "out under /proc":
+        return ["merge", *ins, "--out", "/proc/rmm-test-bundle"]
+    if case == "out is a file":
+        (tmp / "file").write_text("mine")
+        return ["merge", *ins, "--out", str(tmp / "file"), "--force"]
+    if case in ("storage ratio inf", "storage ratio nan"):
+        return ["merge", *ins, "--out", str(tmp / "out"), "--storage-ratio", case.split()[-1]]
+    if case == "negative lora_alpha":
+        return config(lora_alpha=-8)
+    if case == "negative alpha_pattern":
+        return config(alpha_pattern={"q_proj": -4})
+    if case == "bad rank_pattern regex":
+        return config(rank_pattern={"q_proj[": 4})
+    if case == "lora_alpha a string":
+        return config(lora_alpha="8")
+    if case == "inspect: coefficients deleted":
+        (bundle / "coefficients" / "task1.safetensors").unlink()
+    elif case == "inspect: basis deleted":
+        (bundle / "basis.safetensors").unlink()
+    elif case == "inspect: energy missing":
+        _manifest(bundle, lambda m: m["report"]["energy"].pop(next(iter(m["report"]["energy"]))))
+    elif case == "inspect: numbers_original 0":
+        _manifest(bundle, lambda m: m["report"]["storage"].update(numbers_original=0))
+    elif case == "inspect: old format":
+        _manifest(bundle, lambda m: m.update(format="rmm-bundle/1"))
+    elif case == "revert: into a file":
+        (tmp / "file").write_text("mine")
+        return ["revert", str(bundle), "--out", str(tmp / "file")]
+    elif case == "revert: bogus dtype":
+        _manifest(bundle, lambda m: m["tasks"][0].update(dtype="nn"))
+        return ["revert", str(bundle), "--out", str(tmp / "rev")]
+    else:
+        raise AssertionError(case)
+    return ["inspect", str(bundle)]
+
+
+CLI_CASES = [
+    "out unwritable", "out under /proc", "out is a file", "storage ratio inf", "storage ratio nan", "negative lora_alpha",
+    "negative alpha_pattern", "bad rank_pattern regex", "lora_alpha a string", "inspect: coefficients deleted", "inspect: basis deleted",
+    "inspect: energy missing", "inspect: numbers_original 0", "inspect: old format", "revert: into a file", "revert: bogus dtype",
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_refuses_in_one_line(case, adapters, merged, tmp_path, capsys):
+    bundle = shutil.copytree(merged, tmp_path / "bundle")
+    argv = _cli_case(case, adapters, bundle, tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "rev").exists()
+    if (tmp_path / "file").exists():
+        assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("field", ["init_lora_weights", "loftq_config", "alora_invocation_tokens", "velora_config"])
+def test_variants_that_keep_the_update_merge_and_revert(field, llama_base, adapters, tmp_path):
+    """Initialisation, training-only and gating options leave the saved B @ A meaning s * B @ A: merged, reverted exactly."""
+    other = tmp_path / "other"
+    if field == "velora_config":  # saves a lora_velora_embed tensor per module, carried as an extra
+        model = get_peft_model(load_base(llama_base), LoraConfig(r=4, target_modules=TARGETS, velora_config=VeloraConfig(num_groups=4)))
+        model(torch.zeros(1, 4, dtype=torch.long))
+        model.save_pretrained(other)
+    else:
+        value = {"init_lora_weights": "pissa", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}, "alora_invocation_tokens": [5, 7]}[field]
+        _edit_config(_copy(adapters[1], other), **{field: value})
+    merge([adapters[0], other], tmp_path / "bundle", MergeOptions(storage_ratio=1.0), progress=False)
+    revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
+    got, want = open_adapter(tmp_path / "rev" / "other"), open_adapter(other)
+    assert json.loads((tmp_path / "rev" / "other" / "adapter_config.json").read_text())[field] == want.config[field]
+    for m in want.modules:
+        (B, A), (B0, A0) = got.load_factors(m), want.load_factors(m)
+        assert torch.allclose(B @ A, B0 @ A0, atol=1e-5)

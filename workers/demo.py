@@ -46,7 +46,7 @@ def run(out: Path) -> dict:
         bundle, reverted = out / _slug(label) / "bundle", out / _slug(label) / "reverted"
         console.print(f"[dim]$ rmm merge $A/* --out {bundle} --force {shlex.join(extra)}[/]", highlight=False)
         _rmm(["merge", *map(str, examples.adapters.values()), "--out", str(bundle), "--force", *extra])
-        _rmm(["revert", str(bundle), "--out", str(reverted)])
+        _rmm(["revert", str(bundle), "--out", str(reverted), "--force"])
         summaries[label] = inspect_bundle(bundle)
         results[label] = {t: evaluate(examples.base_dir, reverted / t, t) for t in tasks}
 

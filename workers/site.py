@@ -89,7 +89,7 @@ class SiteShard:
         clock = time.perf_counter()
         bundle = Path(out_dir) / "bundles" / self.name
         manifest = merge([a.path for a in self.adapters], bundle, MergeOptions(**options), basis=basis, progress=False, force=True)
-        revert(bundle, Path(out_dir) / "reverted", progress=False)
+        revert(bundle, Path(out_dir) / "reverted", progress=False, force=True)  # a site run again replaces its own output
         return {
             "download_seconds": download,
             "revert_seconds": time.perf_counter() - clock,
