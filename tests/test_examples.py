@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -93,7 +96,7 @@ def test_adapters_solve_their_task_and_need_their_lora(built, task):
 def test_second_build_comes_from_cache(built, monkeypatch):
     cache, ex = built
     before = snapshot(cache)
-    monkeypatch.setattr(examples, "_train", lambda *a, **k: pytest.fail("retrained a cached spec"))
+    monkeypatch.setattr(examples, "_train_all", lambda *a, **k: pytest.fail("retrained a cached spec"))
     start = time.perf_counter()
     assert build_examples(cache, tasks=SUBSET, progress=False) == ex
     monkeypatch.setenv("RMM_CACHE_DIR", str(cache))
@@ -115,11 +118,25 @@ def test_same_spec_same_adapters_and_spec_changes_the_key(built, tmp_path, monke
         assert (a / weights).read_bytes() == (b / weights).read_bytes()
 
 
+def test_fresh_builds_are_identical_whatever_kernels_and_threads_the_caller_has(tmp_path):
+    """Two builds, each from its own fresh process: one as this machine sets torch up, one with the kernels
+    another CPU would get (AVX2 in torch and MKL) and two OpenMP threads. Same bytes, base and adapter."""
+    code = "import sys; from rmm import examples; examples.TRAIN['steps'] = 20; examples.build_examples(sys.argv[1], tasks=['majority'], progress=False)"
+    other = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "2"}
+    built = []
+    for name, env in (("here", {}), ("other", other)):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], env=os.environ | env, check=True, timeout=300)
+        (key,) = (tmp_path / name).iterdir()
+        built.append({f.relative_to(key): f.read_bytes() for f in key.rglob("*.safetensors")})
+    assert built[0].keys() == built[1].keys() and len(built[0]) == 2
+    assert built[0] == built[1]
+
+
 def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(examples, "_train", interrupted)
+    monkeypatch.setattr(examples, "_train_all", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_examples(tmp_path, tasks=["contains"], progress=False)
     assert list(tmp_path.iterdir()) == []
