@@ -140,7 +140,7 @@ class Manifest(_Strict):
     created: str
     options: MergeOptions
     scaling: str = "folded: dW = B @ A with sqrt(scaling) in each factor; reverted adapters have lora_alpha == r"
-    storage_dtype: str
+    storage_dtype: DType  # of the basis and coefficients
     tasks: list[TaskEntry] = Field(min_length=1)
     modules: list[ModuleEntry] = Field(min_length=1)
     basis_sha256: str | None = None  # set when the basis was given (a federation's), not solved here
