@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from rmm.canonical import canonicalize
+from rmm.errors import RMMError
 from rmm.metrics import relative_error
 from rmm.solver import Basis, Moments, coefficients, reconstruct, solve, storage_numbers
 
@@ -189,7 +190,10 @@ def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
 
 
 def allocate(modules: list[Curves], budget: float) -> list[Choice]:
-    """The plan minimising sum (out + in) x relative squared error with at most `budget` numbers stored."""
+    """The plan minimising sum (out + in) x relative squared error with at most `budget` numbers stored.
+
+    A budget whose plan keeps nothing (every error 1) is refused, naming `minimum_ratio`, which keeps something.
+    """
     lo, hi = 0.0, 1.0
     while _cost(modules, hi) > budget and hi < 1e12:
         hi *= 4
@@ -199,7 +203,23 @@ def allocate(modules: list[Curves], budget: float) -> list[Choice]:
     ratio = budget / sum(sum(c.ranks) * (c.n_out + c.n_in) for c in modules)
     plans = [[_choose(c, hi) for c in modules], [_truncate(c, ratio) for c in modules], [_joint(c, ratio) for c in modules], _paper(modules, budget)]
     fitting = [p for p in plans if sum(ch.cost for ch in p) <= budget]
-    return min(fitting, key=lambda p: sum((c.n_out + c.n_in) * sum(ch.errors) for c, ch in zip(modules, p)))
+    best = min(fitting, key=lambda p: sum((c.n_out + c.n_in) * sum(ch.errors) for c, ch in zip(modules, p)))
+    if sum(ch.cost for ch in best) == 0:
+        raise RMMError(f"storage ratio {ratio:.3g} keeps nothing (every dW error would be 1); the smallest sure to keep something is "
+                       f"{_round_up(minimum_ratio(modules))} (one direction shared by all tasks, in the module where that costs least)")
+    return best
+
+
+def minimum_ratio(modules: list[Curves]) -> float:
+    """The smallest storage ratio that keeps anything for certain: from it on, plain joint sharing (a candidate
+    of `allocate`) keeps one direction, U (out x 1), V (in x 1) and one number per task, in some module."""
+    return min(float(c.joint_cost(torch.tensor(1))) / (sum(c.ranks) * (c.n_out + c.n_in)) for c in modules)
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """`x` rounded up to `digits` significant digits, so that the number printed is itself enough."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale * (1 + 1e-12)) / scale
 
 
 def _cost(modules: list[Curves], price: float) -> int:

@@ -7,6 +7,7 @@ smaller than the inputs at any useful storage ratio); `revert` holds one task's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import deque
@@ -280,11 +281,12 @@ def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: b
     rebuilds. Coefficients are fitted to the basis as stored, so a bundle solved here and one whose
     basis came from a coordinator agree to the last bit for the same basis.
     """
-    B, A = stack_factors(adapters, mod, canonical or mod.method != "shared")
+    raw = stack_factors(adapters, mod, canonical=False)
+    B, A = canonicalize(*raw) if canonical or mod.method != "shared" else raw
     T = len(adapters)
     if mod.method == "truncate":
         shared = {}
-        own = [{"B": B[t][:, :k].to(dtype), "A": A[t][:k].mT.to(dtype)} for t, k in enumerate(mod.ranks[a.name] for a in adapters)]
+        own = [_truncated(a, mod, (raw[0][t], raw[1][t]), (B[t], A[t]), dtype) for t, a in enumerate(adapters)]
     elif mod.method == "joint":
         if basis is None:
             cols, rows = stacked_roots(B, A)
@@ -318,6 +320,21 @@ def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: b
         kept = float(sum(frobenius_inner(*reverted[t], *reverted[t]) for t in range(T)))
         captured = {"dW": 1.0 if total <= 0 else min(1.0, kept / total)}
     return shared, own, captured, errors
+
+
+def _truncated(adapter: LoraAdapter, mod: ModuleEntry, raw: tuple, canonical: tuple, dtype: torch.dtype) -> dict:
+    """What a truncated task stores, B (out, k) and A (in, k), from its folded factors, raw and canonical.
+
+    Cut to k below its rank, it keeps its top k canonical directions. Kept whole, it keeps its raw factors
+    unrotated, unfolded, with its whole scaling s in A: its own lora_B and s lora_A, the original numbers
+    in any dtype whenever s is a power of two (alpha = r, 2 r, ...), so revert rebuilds its dW exactly.
+    """
+    k = mod.ranks[adapter.name]
+    B, A = canonical
+    if k >= adapter.modules[mod.name].rank:
+        root = math.sqrt(adapter.modules[mod.name].scaling)
+        B, A = raw[0] / root, raw[1] * root
+    return {"B": B[:, :k].to(dtype), "A": A[:k].mT.to(dtype)}
 
 
 def allocate_modules(adapters: list[LoraAdapter], specs: list[ModuleEntry], budget: float, progress: bool) -> list[ModuleEntry]:
