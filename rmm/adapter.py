@@ -57,6 +57,7 @@ _REFUSED_FIELDS = {
 # The other fields PEFT writes: metadata, which modules (and extras) are trained, initialisation (LoftQ, EVA, CorDA,
 # LoRA-GA, PiSSA, ...), training only (dropout, VeLoRA) or when the update applies (aLoRA). The saved B and A keep
 # meaning s * B @ A, and revert writes each task's own config back. Fields not listed anywhere are refused when set.
+# (r, lora_alpha and the patterns are typed by _Scaling.)
 _KNOWN_FIELDS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules", "exclude_modules",
@@ -335,13 +336,12 @@ def _read_config(path: Path) -> dict:
     if peft_type != "LORA":
         raise RMMError(f"peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged", file=cfg_file)
     for field, value in config.items():
-        if field in _REFUSED_FIELDS and value not in (None, False, {}, []):
-            raise RMMError(_REFUSED_FIELDS[field], file=cfg_file)
-        if field not in _REFUSED_FIELDS and field not in _KNOWN_FIELDS and value not in (None, False, {}, []):
-            raise RMMError(f"unknown field {field!r} = {str(value)[:60]}: rmm cannot tell whether it changes the update", file=cfg_file)
+        if field not in _KNOWN_FIELDS and value not in (None, False, {}, []):  # PEFT's defaults of its optional fields
+            unknown = f"unknown field {field!r} = {value!r:.60}: rmm cannot tell whether it changes the update"
+            raise RMMError(_REFUSED_FIELDS.get(field, unknown), file=cfg_file)
     try:
         _Scaling.model_validate(config)
     except ValidationError as e:
         error = e.errors()[0]
-        raise RMMError(f"{'.'.join(map(str, error['loc']))}: {error['msg']} (got {str(error['input'])[:60]})", file=cfg_file) from None
+        raise RMMError(f"{'.'.join(map(str, error['loc']))!r}: {error['msg']} (got {error['input']!r:.60})", file=cfg_file) from None
     return config

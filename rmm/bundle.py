@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -112,7 +113,7 @@ class ModuleEntry(_Strict):
     @model_validator(mode="after")
     def _described(self) -> "ModuleEntry":
         if self.method == "truncate" and self.ranks is None or self.method == "joint" and self.size is None:
-            raise ValueError(f"module {self.name} is stored as {self.method} without its {'ranks' if self.method == 'truncate' else 'size'}")
+            raise ValueError(f"module {self.name!r} is stored as {self.method} without its {'ranks' if self.method == 'truncate' else 'size'}")
         return self
 
 
@@ -151,13 +152,14 @@ class Manifest(_Strict):
     def _consistent(self) -> "Manifest":
         names = [t.name for t in self.tasks]
         for what, seen in (("task", names), ("module", [m.name for m in self.modules])):
-            if len(set(seen)) != len(seen):
-                raise ValueError(f"{what} {next(n for n in seen if seen.count(n) > 1)!r} is listed twice")
+            twice = next((n for n, count in Counter(seen).items() if count > 1), None)
+            if twice is not None:
+                raise ValueError(f"{what} {twice!r} is listed twice")
         for m in self.modules:
-            if m.method == "truncate" and set(m.ranks) != set(names):
-                raise ValueError(f"module {m.name} gives ranks for {sorted(m.ranks)}, not for the tasks {names}")
+            if m.method == "truncate" and m.ranks.keys() != set(names):
+                raise ValueError(f"module {m.name!r} gives ranks for other tasks than the manifest's")
             if m.name not in self.report.energy:
-                raise ValueError(f"report.energy has no entry for module {m.name}")
+                raise ValueError(f"report.energy has no entry for module {m.name!r}")
         missing = [f for f in bundle_files(self.tasks) if f not in self.files]
         if missing:
             raise ValueError(f"files records no sha256 for {missing[0]}")
@@ -202,8 +204,8 @@ def read_manifest(bundle: str | Path) -> Manifest:
         raise RMMError(f"no {MANIFEST}: not an RMM bundle", file=bundle)
     try:
         data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RMMError(f"invalid JSON ({e})", file=file) from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, an int of over 4300 digits
+        raise RMMError(f"unreadable JSON ({e})", file=file) from None
     if isinstance(data, dict) and data.get("format") != FORMAT:
         raise RMMError(f"bundle format {data.get('format')!r} is not {FORMAT!r}: merge the adapters again with this rmm", file=file)
     try:

@@ -206,6 +206,8 @@ def _cli_case(case, adapters, bundle, tmp):
         _manifest(bundle, lambda m: m["report"]["energy"].pop(next(iter(m["report"]["energy"]))))
     elif case == "inspect: numbers_original 0":
         _manifest(bundle, lambda m: m["report"]["storage"].update(numbers_original=0))
+    elif case == "inspect: JSON nested too deep":
+        (bundle / "manifest.json").write_text("[" * 100_000)
     elif case == "inspect: old format":
         _manifest(bundle, lambda m: m.update(format="rmm-bundle/1"))
     elif case == "revert: into a file":
@@ -222,7 +224,7 @@ def _cli_case(case, adapters, bundle, tmp):
 CLI_CASES = [
     "out unwritable", "out under /proc", "out is a file", "storage ratio inf", "storage ratio nan", "negative lora_alpha",
     "negative alpha_pattern", "bad rank_pattern regex", "lora_alpha a string", "inspect: coefficients deleted", "inspect: basis deleted",
-    "inspect: energy missing", "inspect: numbers_original 0", "inspect: old format", "revert: into a file", "revert: bogus dtype",
+    "inspect: energy missing", "inspect: numbers_original 0", "inspect: JSON nested too deep", "inspect: old format", "revert: into a file", "revert: bogus dtype",
 ]
 
 
