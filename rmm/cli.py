@@ -86,7 +86,9 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     """--basis-size / --storage-ratio / --canonicalize, shared by every verb that builds a basis."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position (rmm-paper)")
-    budget.add_argument("--storage-ratio", type=float, metavar="R", help="store at most R x the numbers of the original LoRAs (default 0.5)")
+    budget.add_argument("--storage-ratio", type=float, metavar="R", help="store at most R x the numbers of the original LoRAs (default 0.5); "
+                        "an R that keeps nothing is refused, naming the smallest sure to keep something (about 1 / (T r): one direction "
+                        "shared by all T tasks of rank r in one module)")
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
