@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from coordinator.config import FederationConfig, TLSConfig, token_hash
 from coordinator.state import Refused
@@ -48,4 +50,17 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
             raise RMMError(f"cannot read TLS file ({e.strerror}); see `rmm certs` to make development certificates", file=path) from None
 
     ca = read(tls.client_ca) if tls.client_ca else None
-    return grpc.ssl_server_credentials([(read(tls.key), read(tls.cert))], root_certificates=ca, require_client_auth=ca is not None)
+    key, cert = read(tls.key), read(tls.cert)
+    # gRPC reports bad PEM only as a failure to listen: check the files here, so the error names them.
+    try:
+        public = x509.load_pem_x509_certificate(cert).public_key()
+    except ValueError:
+        raise RMMError("not a PEM certificate (tls.cert)", file=tls.cert) from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise RMMError("not a PEM private key without a password (tls.key)", file=tls.key) from None
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != public.public_bytes(*spki):
+        raise RMMError(f"this key does not belong to the certificate {tls.cert} (tls.key)", file=tls.key)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)

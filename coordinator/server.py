@@ -58,6 +58,14 @@ class Coordinator:
     async def start(self) -> int:
         """Open every federation's state, serve, and return the bound port (config port 0: a free one)."""
         self._lock = _lock_state_dir(self.config.state_dir)
+        try:
+            return await self._serve()
+        except BaseException:  # e.g. a bad certificate: a coordinator that did not start holds no lock
+            self._lock.close()
+            self._lock = None
+            raise
+
+    async def _serve(self) -> int:
         for fed in self.config.federations:
             state = FederationState(self.config.state_dir, fed)
             self.federations[fed.id] = state
@@ -228,6 +236,7 @@ class _Servicer(pb_grpc.FederationServicer):
             message=fed.message(),
             basis_sha256=result.get("basis_sha256", ""),
             basis_size=result.get("basis_size", 0),
+            uploaded=request.site_id in (fed.curves if fed.bases else fed.commits),
         )
         return response, fed.state
 

@@ -29,6 +29,10 @@ def register(verbs) -> None:
     p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
     p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
     p.add_argument("--actors", type=int, metavar="N", help="Ray actors holding shards (default: one per GPU, else 1)")
+    p.add_argument(
+        "--retry-seconds", type=float, default=120.0, metavar="S",
+        help="keep retrying a call for up to S seconds while the coordinator is unreachable, e.g. restarting (default 120)",
+    )
     _add_upload_args(p)
     p.add_argument("--canonicalize", action="store_true", help="canonicalise factors (must match the federation)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -70,7 +74,7 @@ def _add_upload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _site_run(args) -> int:
-    from workers.client import Credentials
+    from workers.client import Credentials, Retry
     from workers.simulate import ensure_ray
     from workers.site import run_site
 
@@ -90,7 +94,7 @@ def _site_run(args) -> int:
         args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
         method=args.method or ("rmm-paper" if args.canonicalize else "auto"),
         upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
-        allow_factors=args.allow_factors, actors=args.actors, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
+        allow_factors=args.allow_factors, actors=args.actors, retry=Retry(seconds=args.retry_seconds), publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
     )
     _emit({"sites": [report]}, args.json)
     return 0

@@ -1,15 +1,20 @@
 """A site's gRPC client for the coordinator: join, resumable chunked upload, commit, wait, download, publish.
 
-Every call is idempotent, carries the site's bearer token and a deadline, and waits for the
-channel to be ready; gRPC's own retry policy repeats calls that fail with UNAVAILABLE. Uploads ask
-the coordinator which chunks it lacks first, so a dropped connection or a restarted coordinator
-never costs an acknowledged chunk twice; downloads resume from the bytes already on disk.
+Every call is idempotent (see protos/rmm/v1/federation.proto), carries the site's bearer token and
+a deadline, and waits for the channel to be ready. A call the coordinator could not take (it
+restarted, the connection dropped) is repeated under `Retry`; gRPC's own retries cannot do this for
+uploads, as it buffers at most 256 KiB of a call. Uploads ask the coordinator which chunks it lacks
+first, so a dropped connection or a restarted coordinator never costs an acknowledged chunk twice;
+downloads resume from the bytes already on disk. Any other failure is an RMMError carrying the
+coordinator's message.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +27,43 @@ from protos.rmm.v1 import federation_pb2_grpc as pb_grpc
 from rmm.errors import RMMError
 from rmm.io import sha256_file
 
-_RETRY = {
-    "methodConfig": [
-        {
-            "name": [{"service": "rmm.v1.Federation"}],
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.2s",
-                "maxBackoff": "5s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ]
-}
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a site repeats a call the coordinator could not take: exponential backoff with jitter,
+    for at most `seconds` from the first failure (a restarting coordinator takes a few)."""
+
+    seconds: float = 120.0
+    first: float = 0.5  # the first wait; each next one doubles, up to `longest`
+    longest: float = 10.0
+
+    def run(self, what: str, attempt):
+        """attempt() until it succeeds, or fails otherwise than transiently, or the time is up."""
+        give_up, delay = None, self.first
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as e:
+                now = time.monotonic()
+                give_up = give_up or now + self.seconds
+                if not transient(e) or now >= give_up:
+                    raise RMMError(f"{what} failed ({e.code().name}): {e.details()}" + (f" (retried for {self.seconds:.0f} s)" if transient(e) else "")) from None
+                pause = min(delay, give_up - now) * random.uniform(0.5, 1.0)
+                log.warning("%s: coordinator unavailable (%s); retrying in %.1f s", what, e.details(), pause)
+                time.sleep(pause)
+                delay = min(2 * delay, self.longest)
+
+
+def transient(e: grpc.RpcError) -> bool:
+    """Whether the call failed because the coordinator went away (restart, dropped connection), not because it refused."""
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    # A connection reset mid-call can surface as UNKNOWN or INTERNAL; the coordinator's own errors never say this.
+    return e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(
+        words in (e.details() or "") for words in ("Stream removed", "Connection reset", "RST_STREAM", "Socket closed")
+    )
 
 
 @dataclass(frozen=True)
@@ -60,22 +88,23 @@ class Traffic:
 
 class FederationClient:
     def __init__(
-        self, address: str, federation_id: str, site_id: str, credentials: Credentials, *, timeout: float = 60.0, chunk_size: int = MAX_CHUNK
+        self, address: str, federation_id: str, site_id: str, credentials: Credentials, *,
+        timeout: float = 60.0, chunk_size: int = MAX_CHUNK, retry: Retry = Retry(),
     ):
         if not 0 < chunk_size <= MAX_CHUNK:
             raise RMMError(f"chunk size must be between 1 and {MAX_CHUNK} bytes, got {chunk_size}")
-        self.federation_id, self.site_id, self.timeout, self.chunk_size = federation_id, site_id, timeout, chunk_size
+        self.address, self.federation_id, self.site_id, self.timeout, self.chunk_size, self.retry = address, federation_id, site_id, timeout, chunk_size, retry
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", json.dumps(_RETRY)),
+            # Reconnect to a restarted coordinator within a second or two, not gRPC's default of up to two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if credentials.insecure:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
-            read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
-            tls = grpc.ssl_channel_credentials(read(credentials.ca), read(credentials.key), read(credentials.cert))
+            tls = grpc.ssl_channel_credentials(_read(credentials.ca), _read(credentials.key), _read(credentials.cert))
             self.channel = grpc.secure_channel(address, tls, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.metadata = (("authorization", f"Bearer {credentials.token}"),)
@@ -84,14 +113,15 @@ class FederationClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method, request, timeout: float | None = None):
-        return method(request, timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=True)
+    def _call(self, name: str, request, timeout: float | None = None):
+        method = getattr(self.stub, name)
+        return self.retry.run(f"coordinator {self.address}: {name}", lambda: method(request, timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=True))
 
     def _ids(self) -> dict:
         return {"federation_id": self.federation_id, "site_id": self.site_id}
 
     def join(self, manifest: pb.SiteManifest) -> dict:
-        response = self._call(self.stub.Join, pb.JoinRequest(manifest=manifest, **self._ids()))
+        response = self._call("Join", pb.JoinRequest(manifest=manifest, **self._ids()))
         return json.loads(response.federation_config_json)
 
     def upload(self, file: Path, name: str) -> pb.Part:
@@ -104,28 +134,28 @@ class FederationClient:
         missing = set()
         for i in range(0, len(hashes), 1000):  # keep each query message small
             request = pb.MissingChunksRequest(sha256=hashes[i : i + 1000], **self._ids())
-            missing.update(self._call(self.stub.MissingChunks, request).sha256)
+            missing.update(self._call("MissingChunks", request).sha256)
         with open(file, "rb") as f:
             for digest in hashes:
                 block = f.read(self.chunk_size)
                 if digest not in missing:
                     self.traffic.chunks_skipped += 1
                     continue
-                self._call(self.stub.UploadChunk, pb.UploadChunkRequest(sha256=digest, data=block, **self._ids()))
+                self._call("UploadChunk", pb.UploadChunkRequest(sha256=digest, data=block, **self._ids()))
                 missing.discard(digest)  # a repeated chunk (same bytes) goes once
                 self.traffic.bytes_sent += len(block)
                 self.traffic.chunks_sent += 1
         return pb.Part(name=name, chunks=hashes, sha256=whole.hexdigest(), size=file.stat().st_size)
 
     def commit(self, parts: list[pb.Part]) -> None:
-        self._call(self.stub.Commit, pb.CommitRequest(parts=parts, **self._ids()))
+        self._call("Commit", pb.CommitRequest(parts=parts, **self._ids()))
 
     def publish(self, tasks: list[pb.PublishedTask]) -> None:
         """Hand the coordinator these tasks' coefficients (their parts uploaded with `upload` first)."""
-        self._call(self.stub.Publish, pb.PublishRequest(tasks=tasks, **self._ids()))
+        self._call("Publish", pb.PublishRequest(tasks=tasks, **self._ids()))
 
     def status(self) -> pb.StatusResponse:
-        return self._call(self.stub.Status, pb.StatusRequest(**self._ids()))
+        return self._call("Status", pb.StatusRequest(**self._ids()))
 
     def wait(self, timeout: float, states: tuple[str, ...] = ("DONE", "FAILED")) -> pb.StatusResponse:
         """Block until the federation is in one of `states` (polling in bounded calls) or `timeout` passes."""
@@ -133,35 +163,30 @@ class FederationClient:
         while True:
             left = end - time.monotonic()
             step = max(0.1, min(left, 20.0))
-            status = self._call(self.stub.Status, pb.StatusRequest(wait=True, timeout_seconds=step, **self._ids()), timeout=step + 30)
+            status = self._call("Status", pb.StatusRequest(wait=True, timeout_seconds=step, **self._ids()), timeout=step + 30)
             if status.state in states or left <= 0:
                 return status
 
-    def download(self, file: Path, attempts: int = 5, state: str = "DONE") -> Path:
+    def download(self, file: Path, state: str = "DONE") -> Path:
         """The basis (DONE) or, with state CURVES, the bases of method auto's first round into `file`,
         resuming a partial download; checked chunk by chunk and whole."""
         status = self.status()
         if status.state != state:
             raise RMMError(f"federation {self.federation_id} is {status.state}, not {state}: {status.message}")
         partial = file.with_name(file.name + ".part")
-        for attempt in range(attempts):
+
+        def resume() -> None:  # from the bytes already on disk
             offset = partial.stat().st_size if partial.exists() else 0
-            try:
-                with open(partial, "ab") as out:
-                    stream = self.stub.DownloadBasis(
-                        pb.DownloadRequest(offset=offset, **self._ids()), timeout=self.timeout, metadata=self.metadata, wait_for_ready=True
-                    )
-                    for chunk in stream:
-                        if chunk.offset != offset or hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
-                            raise RMMError(f"corrupt basis chunk at offset {chunk.offset}", file=partial)
-                        out.write(chunk.data)
-                        offset += len(chunk.data)
-                        self.traffic.bytes_received += len(chunk.data)
-                break
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
-                    raise
-                time.sleep(0.2 * 2**attempt)
+            with open(partial, "ab") as out:
+                request = pb.DownloadRequest(offset=offset, **self._ids())
+                for chunk in self.stub.DownloadBasis(request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=True):
+                    if chunk.offset != offset or hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+                        raise RMMError(f"corrupt basis chunk at offset {chunk.offset}", file=partial)
+                    out.write(chunk.data)
+                    offset += len(chunk.data)
+                    self.traffic.bytes_received += len(chunk.data)
+
+        self.retry.run(f"coordinator {self.address}: DownloadBasis", resume)
         digest = sha256_file(partial)
         if digest != status.basis_sha256:
             partial.unlink()
@@ -170,4 +195,11 @@ class FederationClient:
         return file
 
     def report(self) -> dict:
-        return json.loads(self._call(self.stub.Report, pb.ReportRequest(**self._ids())).json)
+        return json.loads(self._call("Report", pb.ReportRequest(**self._ids())).json)
+
+
+def _read(file: Path | None) -> bytes | None:
+    try:
+        return Path(file).read_bytes() if file else None
+    except OSError as e:
+        raise RMMError(f"cannot read TLS file ({e.strerror})", file=file) from None

@@ -5,7 +5,9 @@ Each actor (`SiteShard`) loads its shard in its constructor, so Ray can restart 
 uploads it in chunks, and, once the coordinator has the basis, downloads it, fits its own tasks'
 coefficients and writes its bundle and reverted PEFT adapters locally; only if the site opts in
 does it then publish its tasks' coefficients to the coordinator. The driver (`run_site`) joins
-the federation with the site's manifest, commits the actors' parts and waits.
+the federation with the site's manifest, commits the actors' parts and waits. The manifest does
+not depend on how the tasks are sharded, and a site restarted after a commit only waits (and
+sends what the round still needs), so it may come back with other --actors or adapter order.
 One actor per GPU when there are GPUs, otherwise CPU slots; the code path is the same.
 """
 
@@ -23,16 +25,18 @@ from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, revert
 from rmm.payload import smallest_exact_numbers, write_curves, write_payload, write_spectra
-from workers.client import Credentials, FederationClient
+from workers.client import Credentials, FederationClient, Retry
 
 
 class SiteShard:
     """One actor's share of a site's adapters."""
 
-    def __init__(self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials):
+    def __init__(
+        self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials, retry: Retry
+    ):
         self.name, self.work = name, Path(work_dir)
         self.adapters = open_adapters(adapter_dirs)
-        self.client = FederationClient(address, federation_id, site_id, credentials)
+        self.client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
 
     def manifest(self) -> dict:
         return {
@@ -127,10 +131,14 @@ def run_site(
     actors: int | None = None,
     actor_cpus: float = 1.0,
     wait_timeout: float = 3600.0,
+    retry: Retry = Retry(),
     publish_coefficients: bool = False,
     on_stage=lambda site, stage: None,
 ) -> dict:
-    """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors."""
+    """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors.
+
+    `retry`: how long every call keeps trying while the coordinator is unreachable (e.g. restarting).
+    """
     if method == "auto" and upload not in ("auto", "spectra"):
         raise RMMError(f"method auto uploads spectra (singular values and Gram roots); --upload {upload} is for method rmm-paper")
     if upload == "factors" and not allow_factors:
@@ -141,14 +149,15 @@ def run_site(
     shards = [[str(d) for d in adapter_dirs[i::n]] for i in range(n)]
     Actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else actor_cpus, max_restarts=2, max_task_retries=2)(SiteShard)
     handles = [
-        Actor.remote(f"{site_id}-{i}", shard, str(out / "work" / f"{i}"), address, federation_id, site_id, credentials)
+        Actor.remote(f"{site_id}-{i}", shard, str(out / "work" / f"{i}"), address, federation_id, site_id, credentials, retry)
         for i, shard in enumerate(shards)
     ]
     seconds = {}
     clock = time.perf_counter()
-    manifests = ray.get([h.manifest.remote() for h in handles])
-    client = FederationClient(address, federation_id, site_id, credentials)
+    client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
+    results, curves_sent, published = [], 0, 0
     try:
+        manifests = _get([h.manifest.remote() for h in handles])
         # The coordinator refuses a site whose canonicalisation differs from the federation's:
         # mixing canonical and raw factors would misalign positions across sites.
         if method == "auto":
@@ -156,39 +165,39 @@ def run_site(
         elif upload == "auto":
             upload, sketch_rank = _smallest_exact_upload(manifests)
         config = client.join(_site_manifest(manifests, upload, sketch_rank, canonicalize))
-        on_stage(site_id, "upload")
-        results = ray.get([h.upload.remote(config["modules"], upload, sketch_rank, config["canonicalize"]) for h in handles])
-        seconds["sketch_and_upload"] = time.perf_counter() - clock
-        client.commit([pb.Part.FromString(part) for part, _ in results])
+        if site_id not in client.status().committed_sites:  # else: restarted after its commit, it only waits
+            on_stage(site_id, "upload")
+            results = _get([h.upload.remote(config["modules"], upload, sketch_rank, config["canonicalize"]) for h in handles])
+            seconds["sketch_and_upload"] = time.perf_counter() - clock
+            client.commit([pb.Part.FromString(part) for part, _ in results])
         on_stage(site_id, "wait")
         clock = time.perf_counter()
-        curves_sent = 0
         if config["method"] == "auto":  # a second round: every site's error curves against the joint bases
             status = client.wait(wait_timeout, ("CURVES", "DONE", "FAILED"))
-            if status.state != "CURVES":
+            if status.state not in ("CURVES", "DONE"):
                 raise RMMError(f"federation {federation_id} {status.state or 'did not open its second round'}: {status.message}")
-            on_stage(site_id, "curves")
-            curves = ray.get([h.upload_curves.remote(config["modules"]) for h in handles])
-            client.commit([pb.Part.FromString(part) for part, _ in curves])
-            curves_sent = sum(sent for _, sent in curves)
+            if not status.uploaded:
+                on_stage(site_id, "curves")
+                curves = _get([h.upload_curves.remote(config["modules"]) for h in handles])
+                client.commit([pb.Part.FromString(part) for part, _ in curves])
+                curves_sent = sum(sent for _, sent in curves)
         status = client.wait(wait_timeout)
         seconds["wait"] = time.perf_counter() - clock
         if status.state != "DONE":
             raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
         on_stage(site_id, "revert")
         options = {"method": config["method"], "basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
-        finished = ray.get([h.finish.remote(options, str(out)) for h in handles])
-        published = 0
+        finished = _get([h.finish.remote(options, str(out)) for h in handles])
         if publish_coefficients:
             on_stage(site_id, "publish")
-            uploads = ray.get([h.publish.remote(str(out)) for h in handles])
+            uploads = _get([h.publish.remote(str(out)) for h in handles])
             client.publish([pb.PublishedTask.FromString(t) for tasks, _ in uploads for t in tasks])
             published = sum(sent for _, sent in uploads)
     finally:
         client.close()
         for h in handles:
             ray.kill(h)
-    stats = [s for _, s in results]
+    stats = [s for _, s in results]  # none when a restarted site had committed before
     return {
         "site": site_id,
         "tasks": [t for m in manifests for t in m["tasks"]],
@@ -204,14 +213,24 @@ def run_site(
         "bytes_published": published,
         "seconds": {
             **seconds,
-            "sketch": max(s["sketch_seconds"] for s in stats),
-            "upload": max(s["upload_seconds"] for s in stats),
+            "sketch": max((s["sketch_seconds"] for s in stats), default=0.0),
+            "upload": max((s["upload_seconds"] for s in stats), default=0.0),
             "download": max(f["download_seconds"] for f in finished),
             "revert": max(f["revert_seconds"] for f in finished),
         },
         "errors": {t: e for f in finished for t, e in f["errors"].items()},
         "reverted": str(out / "reverted"),
     }
+
+
+def _get(refs: list) -> list:
+    """ray.get, with an actor's RMMError (e.g. the coordinator's refusal) raised as itself: one line, no remote traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RMMError):
+            raise e.cause from None
+        raise
 
 
 def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
@@ -224,18 +243,24 @@ def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
 
 
 def _site_manifest(manifests: list[dict], upload: str, sketch_rank: int, canonicalize: bool) -> pb.SiteManifest:
-    """The site's manifest from its actors': every shard must hold the same base model and modules."""
+    """The site's manifest from its actors': every shard must hold the same base model and modules.
+
+    Tasks and modules are sorted: the manifest is the same however the tasks are sharded over actors.
+    """
     first = manifests[0]
     ranks = {m["name"]: m["rank"] for m in first["modules"]}
     for other in manifests[1:]:
-        if other["base_model"] != first["base_model"] or [m["name"] for m in other["modules"]] != list(ranks):
+        if other["base_model"] != first["base_model"] or sorted(m["name"] for m in other["modules"]) != sorted(ranks):
             raise RMMError("the site's adapter shards disagree on the base model or module set")
         for m in other["modules"]:
             ranks[m["name"]] = max(ranks[m["name"]], m["rank"])
     return pb.SiteManifest(
         base_model=first["base_model"],
-        modules=[pb.Module(name=m["name"], out_features=m["out_features"], in_features=m["in_features"], rank=ranks[m["name"]]) for m in first["modules"]],
-        tasks=[t for m in manifests for t in m["tasks"]],
+        modules=[
+            pb.Module(name=m["name"], out_features=m["out_features"], in_features=m["in_features"], rank=ranks[m["name"]])
+            for m in sorted(first["modules"], key=lambda m: m["name"])
+        ],
+        tasks=sorted(t for m in manifests for t in m["tasks"]),
         upload_kind=upload,
         sketch_rank=sketch_rank,
         lora_numbers=sum(m["lora_numbers"] for m in manifests),

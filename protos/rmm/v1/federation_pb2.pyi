@@ -127,7 +127,7 @@ class StatusRequest(_message.Message):
     def __init__(self, federation_id: _Optional[str] = ..., site_id: _Optional[str] = ..., wait: _Optional[bool] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "joined_sites", "committed_sites", "min_sites", "message", "basis_sha256", "basis_size")
+    __slots__ = ("state", "joined_sites", "committed_sites", "min_sites", "message", "basis_sha256", "basis_size", "uploaded")
     STATE_FIELD_NUMBER: _ClassVar[int]
     JOINED_SITES_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_SITES_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class StatusResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     BASIS_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASIS_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UPLOADED_FIELD_NUMBER: _ClassVar[int]
     state: str
     joined_sites: _containers.RepeatedScalarFieldContainer[str]
     committed_sites: _containers.RepeatedScalarFieldContainer[str]
@@ -142,7 +143,8 @@ class StatusResponse(_message.Message):
     message: str
     basis_sha256: str
     basis_size: int
-    def __init__(self, state: _Optional[str] = ..., joined_sites: _Optional[_Iterable[str]] = ..., committed_sites: _Optional[_Iterable[str]] = ..., min_sites: _Optional[int] = ..., message: _Optional[str] = ..., basis_sha256: _Optional[str] = ..., basis_size: _Optional[int] = ...) -> None: ...
+    uploaded: bool
+    def __init__(self, state: _Optional[str] = ..., joined_sites: _Optional[_Iterable[str]] = ..., committed_sites: _Optional[_Iterable[str]] = ..., min_sites: _Optional[int] = ..., message: _Optional[str] = ..., basis_sha256: _Optional[str] = ..., basis_size: _Optional[int] = ..., uploaded: _Optional[bool] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("federation_id", "site_id", "offset")
