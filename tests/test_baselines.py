@@ -59,8 +59,9 @@ def test_refusals(adapters, tmp_path):
         run("ta-dw", adapters, tmp_path / "c", weights=[1.0])
     with pytest.raises(RMMError, match="density"):
         run("ties-dw", adapters, tmp_path / "d", density=0.0)
+    (tmp_path / "not_adapter").mkdir()
     with pytest.raises(RMMError, match="adapter_config"):
-        run("ta-dw", [tmp_path], tmp_path / "e")
+        run("ta-dw", [tmp_path / "not_adapter"], tmp_path / "e")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(RMMError, match="not empty"):
