@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors.torch import save_file
 
 from rmm.errors import RMMError
-from rmm.io import atomic_dir, open_safetensors, read_tensor, sha256_file
+from rmm.io import atomic_dir, open_safetensors, read_tensor, safe_name, sha256_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -230,7 +230,7 @@ def open_adapter(path: str | Path) -> LoraAdapter:
         raise RMMError(f"unsupported LoRA weight dtype; expected one of {sorted(_DTYPES)}", file=weights)
     return LoraAdapter(
         path=path,
-        name=path.resolve().name,
+        name=safe_name(path.resolve().name, file=path),  # the task's file names in a bundle
         config=config,
         modules=modules,
         extra_keys=tuple(k for k in header if k not in lora_keys),

@@ -95,6 +95,8 @@ def _bad(name, llama_base, good, root):
     if name == "rank_mismatch":
         _edit_config(_copy(good, bad), r=8)
         return [good, bad], "rank mismatch"
+    if name == "unsafe_name":  # the directory name becomes the task's file names
+        return [good, _copy(good, root / "task:1")], "cannot be used as a file name"
     if name == "not_adapter":
         bad.mkdir()
         return [good, bad], "adapter_config.json"
@@ -107,7 +109,7 @@ VARIANT_FIELDS = {
     "use_qalora": True, "monteclora_config": {"monteclora_n": 8}, "arrow_config": {"top_k": 3}, "target_parameters": ["mlp.experts.gate_up_proj"],
     "layer_replication": [[0, 2], [1, 2]], "megatron_config": {"tensor_model_parallel_size": 2}, "use_future_variant": True,
 }
-CASES = ["kasa", "kasa_tensors", "bdlora", *VARIANT_FIELDS, "dora", "lora_bias", "ia3", "pickle", "base_model", "module_set", "shape", "nan", "inf", "truncated", "corrupt", "duplicate", "rank_mismatch", "not_adapter"]
+CASES = ["kasa", "kasa_tensors", "bdlora", *VARIANT_FIELDS, "dora", "lora_bias", "ia3", "pickle", "base_model", "module_set", "shape", "nan", "inf", "truncated", "corrupt", "duplicate", "rank_mismatch", "unsafe_name", "not_adapter"]
 
 
 @pytest.mark.parametrize("case", CASES)
