@@ -32,7 +32,8 @@ class SiteShard:
     """One actor's share of a site's adapters."""
 
     def __init__(
-        self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials, retry: Retry
+        self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials,
+        retry: Retry = Retry(),
     ):
         self.name, self.work = name, Path(work_dir)
         self.adapters = open_adapters(adapter_dirs)
