@@ -80,7 +80,9 @@ class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Register a site's manifest; refused (FAILED_PRECONDITION) when it does not match the federation.
+        """Register a site's manifest; refused (FAILED_PRECONDITION) when it does not match the federation,
+        INVALID_ARGUMENT for a task name that cannot be a file name or impossible lora_numbers,
+        RESOURCE_EXHAUSTED beyond the federation's max_tasks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +97,7 @@ class FederationServicer:
 
     def UploadChunk(self, request, context):
         """Store one chunk; its sha256 must match its bytes. Repeating a stored chunk is harmless.
+        RESOURCE_EXHAUSTED when the site's uncommitted chunks would exceed the federation's max_pending_bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,7 +125,8 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Report(self, request, context):
-        """The coordinator's report (JSON): sites, bytes received and sent, seconds per stage, energy.
+        """The coordinator's report (JSON): the federation's state, seconds per stage and energy, and the
+        calling site's own row (tasks, bytes received and sent); never another site's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
