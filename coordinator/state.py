@@ -337,7 +337,8 @@ class FederationState:
             if kind == "spectra" and numbers != manifest.lora_numbers:
                 raise Refused(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the manifest's lora_numbers {manifest.lora_numbers} differ from the {numbers} the spectra's ranks give; join again with {numbers}",
+                    f"the manifest's lora_numbers {manifest.lora_numbers} differ from the {numbers} the spectra's ranks give; "
+                    f"join again with {numbers}",
                 )
             with self._lock:
                 if site in store:  # a concurrent retry of this commit landed first
@@ -637,7 +638,7 @@ class FederationState:
 def _check_tasks(config: FederationConfig, m: pb.SiteManifest) -> None:
     """Task names become file names (coefficients/<task>.safetensors): each must be one; at most max_tasks."""
     if len(m.tasks) > config.max_tasks:
-        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the manifest lists {len(m.tasks)} tasks; the federation's max_tasks per site is {config.max_tasks}")
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the manifest lists {len(m.tasks)} tasks; the federation's max_tasks is {config.max_tasks}")
     for task in m.tasks:
         try:
             safe_name(task)

@@ -57,8 +57,10 @@ def served(adapters, tmp_path):
         modules=[pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in specs],
     )
     sites = {s: Site(token_sha256=token_hash(f"token-{s}")) for s in "ab"}
-    feds = [FederationConfig(id=fed, base_model=manifest.base_model, modules=specs, basis_size=2, sites=sites if fed == "open" else {"a": sites["a"]})
-            for fed in ("open", "done")]
+    feds = [
+        FederationConfig(id="open", base_model=manifest.base_model, modules=specs, basis_size=2, sites=sites),
+        FederationConfig(id="done", base_model=manifest.base_model, modules=specs, basis_size=2, sites={"a": sites["a"]}),
+    ]
     state = tmp_path / "state"
     errors = Errors()
     logging.getLogger("coordinator").addHandler(errors)
@@ -91,7 +93,8 @@ names = st.one_of(st.sampled_from(["a", "b", "a-0", "", ".", "..", "../x", "a\nb
 _sites = st.sampled_from([("open", "a", "token-a"), ("done", "a", "token-a"), ("open", "b", "token-b"), ("done", "b", "token-b")])
 callers = st.one_of(
     _sites, _sites, _sites,
-    st.tuples(st.one_of(st.sampled_from(["open", "done"]), st.text(max_size=70)), st.one_of(st.sampled_from(["a", "b"]), st.text(max_size=70)),
+    st.tuples(st.one_of(st.sampled_from(["open", "done"]), st.text(max_size=70)),
+              st.one_of(st.sampled_from(["a", "b"]), st.text(max_size=70)),
               st.one_of(st.sampled_from(["token-a", "token-b"]), st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30))),
 )
 int64 = st.integers(-(2**63), 2**63 - 1)
@@ -130,7 +133,7 @@ def manifests(valid: pb.SiteManifest):
         st.tuples(st.just("base_model"), st.text(max_size=30)),
         st.tuples(st.just("modules"), st.lists(module, max_size=3)),
         st.tuples(st.just("tasks"), st.lists(names, max_size=4)),
-        st.tuples(st.just("upload_kind"), st.one_of(st.sampled_from(["moments", "sketch", "factors", "spectra", "curves"]), st.text(max_size=10))),
+        st.tuples(st.just("upload_kind"), st.one_of(st.sampled_from(["moments", "sketch", "factors", "spectra"]), st.text(max_size=10))),
         st.tuples(st.just("sketch_rank"), int64),
         st.tuples(st.just("lora_numbers"), int64),
         st.tuples(st.just("canonicalize"), st.booleans()),
@@ -153,8 +156,8 @@ def _mutate_manifest(valid: pb.SiteManifest, changes) -> pb.SiteManifest:
 def calls(manifest: pb.SiteManifest, part: pb.Part):
     """(rpc name, request) pairs for every RPC."""
     chunk = st.one_of(st.binary(max_size=2 * CHUNK).map(lambda d: (d, sha(d))), st.tuples(st.binary(max_size=64), digests))
-    published = st.builds(pb.PublishedTask, name=st.one_of(st.sampled_from(list(manifest.tasks)), names), task_json=st.one_of(st.text(max_size=40), st.just("{}")),
-                          coefficients=parts(part), extras=parts(part))
+    published = st.builds(pb.PublishedTask, name=st.one_of(st.sampled_from(list(manifest.tasks)), names),
+                          task_json=st.one_of(st.text(max_size=40), st.just("{}")), coefficients=parts(part), extras=parts(part))
     return st.one_of(
         st.tuples(st.just("Join"), manifests(manifest).map(lambda m: {"manifest": m})),
         st.tuples(st.just("MissingChunks"), st.lists(digests, max_size=5).map(lambda d: {"sha256": d})),
@@ -168,8 +171,10 @@ def calls(manifest: pb.SiteManifest, part: pb.Part):
     )
 
 
-REQUESTS = {"Join": pb.JoinRequest, "MissingChunks": pb.MissingChunksRequest, "UploadChunk": pb.UploadChunkRequest, "Commit": pb.CommitRequest,
-            "Status": pb.StatusRequest, "DownloadBasis": pb.DownloadRequest, "Report": pb.ReportRequest, "Publish": pb.PublishRequest}
+REQUESTS = {
+    "Join": pb.JoinRequest, "MissingChunks": pb.MissingChunksRequest, "UploadChunk": pb.UploadChunkRequest, "Commit": pb.CommitRequest,
+    "Status": pb.StatusRequest, "DownloadBasis": pb.DownloadRequest, "Report": pb.ReportRequest, "Publish": pb.PublishRequest,
+}
 
 
 def test_malformed_calls_get_a_status_and_change_nothing(served):

@@ -49,7 +49,8 @@ class Retry:
                 now = time.monotonic()
                 give_up = give_up or now + self.seconds
                 if not transient(e) or now >= give_up:
-                    raise RMMError(f"{what} failed ({e.code().name}): {e.details()}" + (f" (retried for {self.seconds:.0f} s)" if transient(e) else "")) from None
+                    retried = f" (retried for {self.seconds:.0f} s)" if transient(e) else ""
+                    raise RMMError(f"{what} failed ({e.code().name}): {e.details()}{retried}") from None
                 pause = min(delay, give_up - now) * random.uniform(0.5, 1.0)
                 log.warning("%s: coordinator unavailable (%s); retrying in %.1f s", what, e.details(), pause)
                 time.sleep(pause)
@@ -93,7 +94,8 @@ class FederationClient:
     ):
         if not 0 < chunk_size <= MAX_CHUNK:
             raise RMMError(f"chunk size must be between 1 and {MAX_CHUNK} bytes, got {chunk_size}")
-        self.address, self.federation_id, self.site_id, self.timeout, self.chunk_size, self.retry = address, federation_id, site_id, timeout, chunk_size, retry
+        self.address, self.federation_id, self.site_id = address, federation_id, site_id
+        self.timeout, self.chunk_size, self.retry = timeout, chunk_size, retry
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -115,7 +117,8 @@ class FederationClient:
 
     def _call(self, name: str, request, timeout: float | None = None):
         method = getattr(self.stub, name)
-        return self.retry.run(f"coordinator {self.address}: {name}", lambda: method(request, timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=True))
+        attempt = lambda: method(request, timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=True)  # noqa: E731
+        return self.retry.run(f"coordinator {self.address}: {name}", attempt)
 
     def _ids(self) -> dict:
         return {"federation_id": self.federation_id, "site_id": self.site_id}
