@@ -112,3 +112,19 @@ def test_a_budget_that_keeps_nothing_is_refused_naming_one_that_does(adapters, t
     report = json.loads((tmp_path / "b" / "manifest.json").read_text())["report"]
     assert report["storage"]["ratio"] <= named
     assert min(e for t in report["errors"].values() for e in t.values()) < 1
+
+
+# --- the demo table ----------------------------------------------------------------------------------------
+
+
+def test_readme_demo_table_is_the_one_the_demo_results_give():
+    """The README's demo table is written by `make demo` from what it measured (benchmarks/results/demo.json),
+    for the demo's current columns: never by hand."""
+    from benchmarks.quality.score import with_summary
+    from workers.demo import FEDERATED, MARKERS, README, RESULTS, SETTINGS, render
+
+    record = json.loads((RESULTS / "demo.json").read_text())
+    assert list(record["accuracy"]) == ["LoRA off", "orig", *(label for label, _ in SETTINGS), FEDERATED[0]]
+    text = README.read_text()
+    assert all(m in text for m in MARKERS) and with_summary(text, render(record), MARKERS) == text
+    assert (RESULTS / "demo.md").read_text() == render(record)

@@ -2,24 +2,33 @@
 same merge as a federation of 3 sites (`rmm simulate`), revert everything and compare accuracy.
 
 Every merge, revert and simulation goes through the `rmm` command itself, printed before it runs.
+The numbers are the same on every run and every x86-64 machine: the demo runs on the kernels the
+example adapters are trained on (`rmm.examples.PORTABLE_KERNELS`), and everything in it is seeded.
+It writes them to benchmarks/results/demo.json and demo.md, and the table into the README between its
+markers (tests/test_claims.py checks that the README's table is the one demo.json gives).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from benchmarks.quality.score import with_summary
 from rmm.cli import main as rmm
 from rmm.adapter import delta_weight, open_adapter
-from rmm.examples import build_examples, evaluate
+from rmm.examples import PORTABLE_KERNELS, build_examples, evaluate
 from rmm.summary import inspect_bundle
 
 console = Console()
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS, README = ROOT / "benchmarks" / "results", ROOT / "README.md"
+MARKERS = ("<!-- demo table: make demo -->", "<!-- end of demo table -->")
 
 # (column label, extra `rmm merge` arguments): the default method (auto) and the paper's RMM (c: canonicalised)
 SETTINGS = [
@@ -32,7 +41,7 @@ FEDERATED = ("fed .5", ["--storage-ratio", "0.5"])  # the default merge of "auto
 SITES = 3
 
 
-def run(out: Path) -> dict:
+def run(out: Path, results_dir: Path = RESULTS, readme: Path | None = README) -> dict:
     examples = build_examples()
     tasks = list(examples.adapters)
     results = {
@@ -59,35 +68,39 @@ def run(out: Path) -> dict:
     results[label] = {t: evaluate(examples.base_dir, where[t], t) for t in tasks}
     same = max(_relative_difference(where[t], out / _slug("auto .5") / "reverted" / t) for t in tasks)
     summaries[label] = {**summaries["auto .5"]}  # same budget, same plan: storage and allocation are the central run's
-    console.print(f"federated vs centralised 'auto .5': largest relative dW difference over all tasks and modules {same:.1e}", highlight=False)
 
-    table = Table(
-        title=f"held-out accuracy: {len(tasks)} tasks, original adapters vs reverted from bundles",
-        caption=f"columns: method and --storage-ratio (c: --canonicalize); fed: 'auto .5' by {SITES} sites over gRPC; "
-        "LoRA off: the task's head without its LoRA; stored as: modules truncated (t) / shared jointly (j) / "
-        "per position (s), or basis size p",
-    )
-    table.add_column("task", no_wrap=True)
-    for column in results:
-        table.add_column(column, justify="right")
-    for t in tasks:
-        table.add_row(t, *(f"{results[c][t]:.3f}" for c in results))
-    table.add_section()
-    table.add_row("mean", *(f"{sum(r.values()) / len(r):.3f}" for r in results.values()))
-    table.add_row("storage", "", "1", *(f"{s['storage']['ratio_counted']:.3f}" for s in summaries.values()))
-    table.add_row("stored as", "", "", *(_stored_as(s) for s in summaries.values()))
-    table.add_row("dW error", "", "0", *(f"{_mean_error(s):.3f}" for s in summaries.values()))
-    console.print(table)
-    record = {
+    record = {  # what the table shows, and nothing that changes from run to run (no times, no paths)
+        "tasks": tasks,
         "accuracy": results,
-        "storage": {k: s["storage"] for k, s in summaries.items()},
-        "allocation": {k: s["allocation"] for k, s in summaries.items()},
+        "merges": {k: {"storage": s["storage"]["ratio_counted"], "stored_as": _stored_as(s), "mean_dW_error": _mean_error(s)} for k, s in summaries.items()},
         "federated_vs_centralised_max_relative_dW_difference": same,
-        "federation": {s["site"]: {k: s[k] for k in ("tasks", "bytes_up", "bytes_down", "lora_bytes", "seconds")} for s in report["sites"]},
+        "federation": {s["site"]: {k: s[k] for k in ("tasks", "bytes_up", "bytes_down", "lora_bytes")} for s in report["sites"]},
     }
-    (out / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
-    console.print(f"results: {out / 'demo.json'}")
+    table = render(record)
+    console.print(table, highlight=False, markup=False, soft_wrap=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "demo.json").write_text(json.dumps(record, indent=2) + "\n")
+    (results_dir / "demo.md").write_text(table)
+    console.print(f"results: {results_dir / 'demo.json'}, {results_dir / 'demo.md'}")
+    if readme is not None and readme.is_file():
+        text = readme.read_text()
+        if (updated := with_summary(text, table, MARKERS)) != text:
+            readme.write_text(updated)
+            console.print(f"updated the demo table in {readme}")
     return record
+
+
+def render(record: dict) -> str:
+    """The demo's table in markdown (the README's): accuracy per task and column, then what each merge stored."""
+    acc, merges = record["accuracy"], record["merges"]
+    lines = ["| task | " + " | ".join(acc) + " |", "|---|" + "---:|" * len(acc)]
+    lines += [f"| {t} | " + " | ".join(f"{acc[c][t]:.3f}" for c in acc) + " |" for t in record["tasks"]]
+    lines.append("| **mean** | " + " | ".join(f"{sum(a.values()) / len(a):.3f}" for a in acc.values()) + " |")
+    lines.append("| storage (counted) | | 1 | " + " | ".join(f"{m['storage']:.3f}" for m in merges.values()) + " |")
+    lines.append("| stored as | | | " + " | ".join(m["stored_as"] for m in merges.values()) + " |")
+    lines.append("| mean rel. dW error | | 0 | " + " | ".join(f"{m['mean_dW_error']:.3f}" for m in merges.values()) + " |")
+    same = record["federated_vs_centralised_max_relative_dW_difference"]
+    return "\n".join(lines) + f"\n\nLargest relative dW difference between the federated and the centralised adapters: {same:.1e}.\n"
 
 
 def _rmm(argv: list[str]) -> None:
@@ -123,6 +136,8 @@ def _slug(label: str) -> str:
 
 
 if __name__ == "__main__":
+    if any(os.environ.get(k) != v for k, v in PORTABLE_KERNELS.items()):  # torch picks its kernels when it starts
+        os.execve(sys.executable, [sys.executable, "-m", "workers.demo", *sys.argv[1:]], os.environ | PORTABLE_KERNELS)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     run(parser.parse_args().out)

@@ -196,12 +196,13 @@ def _best_single(report: dict) -> tuple[float, float] | None:
 START, END = "<!-- quality summary: rmm bench quality -->", "<!-- end of quality summary -->"
 
 
-def with_summary(text: str, table: str) -> str:
-    """`text` with the block between the README's summary markers replaced by `table`."""
-    if START not in text or END not in text:
+def with_summary(text: str, table: str, markers: tuple[str, str] = (START, END)) -> str:
+    """`text` with the block between `markers` (the README's quality summary's by default) replaced by `table`."""
+    start, end = markers
+    if start not in text or end not in text:
         return text
-    before, rest = text.split(START, 1)
-    return before + START + "\n" + table + rest[rest.index(END):]
+    before, rest = text.split(start, 1)
+    return before + start + "\n" + table + rest[rest.index(end):]
 
 
 def main(argv: list[str] | None = None) -> None:
