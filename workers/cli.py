@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from rich.table import Table
@@ -27,8 +29,16 @@ def register(verbs) -> None:
     p.add_argument("--key", type=Path, help="its private key (PEM)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC (loopback development only)")
     p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
-    p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: embedded local Ray)")
+    p.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="join a shared Ray cluster, e.g. auto: the one `ray start --head` started on this host (default: $RAY_ADDRESS, "
+        "else an embedded local Ray; many sites on one host must share one)",
+    )
     p.add_argument("--actors", type=int, metavar="N", help="Ray actors holding shards (default: one per GPU, else 1)")
+    p.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch threads of each actor (default: 1 on a shared cluster, else this machine's CPUs over the actors)",
+    )
     p.add_argument(
         "--retry-seconds", type=float, default=120.0, metavar="S",
         help="keep retrying a call for up to S seconds while the coordinator is unreachable, e.g. restarting (default 120)",
@@ -83,19 +93,18 @@ def _site_run(args) -> int:
         raise RMMError("no site token: pass --token-file FILE or set RMM_SITE_TOKEN")
     if not args.insecure and not args.ca:
         raise RMMError("TLS needs --ca (the coordinator's CA certificate); --insecure only for loopback development")
-    if args.ray_address:
-        import ray
-
-        ray.init(address=args.ray_address, configure_logging=False, log_to_driver=False)
-    else:
-        ensure_ray()
     credentials = Credentials(token=token, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure)
-    report = run_site(
-        args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
-        method=args.method or ("rmm-paper" if args.canonicalize else "auto"),
-        upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
-        allow_factors=args.allow_factors, actors=args.actors, retry=Retry(seconds=args.retry_seconds), publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
-    )
+    with _only_json_on_stdout(args.json):
+        shared = ensure_ray(args.ray_address)
+        # Threads x processes should stay near the cores: on a shared cluster, other sites' actors share them.
+        threads = args.threads or (1 if shared else max(1, (os.cpu_count() or 1) // (args.actors or 1)))
+        report = run_site(
+            args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
+            method=args.method or ("rmm-paper" if args.canonicalize else "auto"),
+            upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
+            allow_factors=args.allow_factors, actors=args.actors, actor_cpus=threads, retry=Retry(seconds=args.retry_seconds),
+            publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
+        )
     _emit({"sites": [report]}, args.json)
     return 0
 
@@ -105,13 +114,31 @@ def _simulate(args) -> int:
 
     if args.upload == "factors" and not args.allow_factors:
         raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
-    report = simulate(
-        args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
-        force=args.force, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
-    )
+    with _only_json_on_stdout(args.json):
+        report = simulate(
+            args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
+            force=args.force, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
+        )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _emit(report, args.json)
     return 0
+
+
+@contextlib.contextmanager
+def _only_json_on_stdout(as_json: bool):
+    """With --json, stdout carries the report alone. Ray prints its raylet's warnings on a driver's stdout
+    ("(raylet) WARNING: ..."), from a thread, whatever log_to_driver says: until Ray is shut down,
+    anything printed goes to stderr."""
+    if not as_json:
+        yield
+        return
+    import ray
+
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _stage_printer(quiet: bool):

@@ -58,16 +58,31 @@ class BackgroundCoordinator:
         self.thread.join(10)
 
 
-def ensure_ray() -> None:
-    """An embedded local Ray sized for this machine, unless one is already running."""
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=os.cpu_count() or 1,
-            object_store_memory=256 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+def ensure_ray(address: str | None = None) -> bool:
+    """Join the shared Ray cluster at `address` (else $RAY_ADDRESS), as one more driver of it, or start an
+    embedded local Ray sized for this machine; nothing if this process has one. True when it joined one.
+
+    Every embedded Ray starts its own GCS, raylet and agents: a dozen site processes doing so at once on
+    one host time out starting, hence the advice to share one.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return bool(address)
+    quiet = {"log_to_driver": False, "configure_logging": False}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=256 * 1024 * 1024, include_dashboard=False, **quiet)
+    except Exception as e:  # ray.init raises bare Exceptions (e.g. "The current node timed out during startup")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if address:
+            raise RMMError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        raise RMMError(
+            f"could not start an embedded Ray ({reason}); for many sites on one host, start one shared Ray "
+            "(`ray start --head --num-cpus N`) and give every site --ray-address auto"
+        ) from None
+    return bool(address)
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -104,7 +119,7 @@ def simulate(
     if options.method == "auto" and upload not in ("auto", "spectra"):
         raise RMMError(f"method auto uploads spectra; --upload {upload} is for method rmm-paper")
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, inputs=[*adapter_dirs, *(d for shard in shards or [] for d in shard)])
     shutil.rmtree(out, ignore_errors=True)
     adapters = open_adapters(adapter_dirs)
     shards = shards or split([a.path for a in adapters], sites)

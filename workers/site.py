@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm import __version__
@@ -33,8 +34,9 @@ class SiteShard:
 
     def __init__(
         self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials,
-        retry: Retry = Retry(),
+        retry: Retry = Retry(), threads: float = 1.0,
     ):
+        torch.set_num_threads(max(1, int(threads)))  # the actor holds no CPU slot (see run_site): it must not take every core
         self.name, self.work = name, Path(work_dir)
         self.adapters = open_adapters(adapter_dirs)
         self.client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
@@ -139,6 +141,7 @@ def run_site(
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors.
 
     `retry`: how long every call keeps trying while the coordinator is unreachable (e.g. restarting).
+    `actor_cpus`: the torch threads of each actor (actors reserve no CPU slot, so many sites can share a cluster).
     """
     if method == "auto" and upload not in ("auto", "spectra"):
         raise RMMError(f"method auto uploads spectra (singular values and Gram roots); --upload {upload} is for method rmm-paper")
@@ -148,9 +151,11 @@ def run_site(
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = max(1, min(actors or gpus or 1, len(adapter_dirs)))
     shards = [[str(d) for d in adapter_dirs[i::n]] for i in range(n)]
-    Actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else actor_cpus, max_restarts=2, max_task_retries=2)(SiteShard)
+    # No CPU slot: an actor spends most of its life waiting for the other sites, and one that held a
+    # slot meanwhile would keep other sites' actors from starting (many sites on one cluster deadlock).
+    Actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0, max_restarts=2, max_task_retries=2)(SiteShard)
     handles = [
-        Actor.remote(f"{site_id}-{i}", shard, str(out / "work" / f"{i}"), address, federation_id, site_id, credentials, retry)
+        Actor.remote(f"{site_id}-{i}", shard, str(out / "work" / f"{i}"), address, federation_id, site_id, credentials, retry, actor_cpus)
         for i, shard in enumerate(shards)
     ]
     seconds = {}
