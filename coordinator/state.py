@@ -3,8 +3,8 @@
     config.json                            the federation config as first served
     created.json                           creation time: deadlines count from it across restarts
     sites/<site>/manifest.json             the joined SiteManifest (protobuf JSON)
-    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed; dropped once a commit or a
-                                           publication consumed them (kept across restarts until then)
+    sites/<site>/chunks/<sha256>           uploaded chunks, content-addressed, kept across restarts; dropped
+                                           when the site commits (its round's uploads end) or publishes them
     sites/<site>/parts/<name>.safetensors  the assembled parts, in place only at a successful commit
     sites/<site>/commit.json               the commit (parts, tasks, time); written last, so it marks it
     sites/<site>/traffic.json              bytes received from and sent to the site
@@ -290,7 +290,7 @@ class FederationState:
             self.pending_bytes[site] = self.pending_bytes.get(site, 0) + size
 
     def _drop_chunks(self, site: str, digests: set[str]) -> None:
-        """Remove chunks a commit or a publication consumed (their bytes are in its files now)."""
+        """Remove chunks a commit or a publication ended (the bytes they carried are in its files now)."""
         held = self.pending.get(site, {})
         for digest in digests:
             (self.dir / "sites" / site / "chunks" / digest).unlink(missing_ok=True)
@@ -352,8 +352,8 @@ class FederationState:
                 _write_json(where / "commit.json", store[site])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        with self._lock:
-            self._drop_chunks(site, _chunks_of(record))
+        with self._lock:  # the commit ends the site's uploads for this round: what its parts did not use is stale
+            self._drop_chunks(site, set(self.pending.get(site, {})))
         return f"committed {len(record)} {kind} parts, {tasks} tasks"
 
     def publish(self, site: str, tasks: list[pb.PublishedTask]) -> str:

@@ -512,6 +512,8 @@ def test_acknowledged_curves_chunks_survive_a_restart(world, two_sites, tmp_path
             assert (await status(stub, "a", wait=30)).state == "CURVES"
             curves = await curves_of(stub, world, two_sites, "a", tmp_path)
             part = await upload(stub, "fed", "a", curves)
+            stale = b"a chunk of an upload the site abandoned"
+            await stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=sha(stale), data=stale), metadata=auth("a"), timeout=10)
         async with serving(config) as (stub, _, _):
             ask = pb.MissingChunksRequest(federation_id="fed", site_id="a", sha256=part.chunks)
             missing = list((await stub.MissingChunks(ask, metadata=auth("a"), timeout=10)).sha256)
@@ -520,6 +522,7 @@ def test_acknowledged_curves_chunks_survive_a_restart(world, two_sites, tmp_path
 
     missing, after = asyncio.run(main())
     assert missing == [] and after.state == "CURVES" and "waiting for the curves of b" in after.message
+    assert not list((tmp_path / "state" / "fed" / "sites" / "a" / "chunks").iterdir())  # the commit ends the round's uploads
 
 
 def test_lora_numbers_are_checked_not_trusted(world, two_sites, tmp_path):
