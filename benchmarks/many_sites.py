@@ -117,13 +117,18 @@ def coordinator(config_file: Path, port: int, timeout: float = 60.0):
 
 class PeakRSS:
     """Samples, every `period` seconds in a thread, the RSS of given processes and of the Ray workers
-    running a site's actor (`ray::SiteShard`) under the head; keeps each one's peak."""
+    running a site's actor (`ray::SiteShard`) under the head, and the host's used memory; keeps the peaks.
+
+    RSS counts the pages a process shares with others (Python, torch and Ray's libraries), so the host's
+    used memory, above what it was when sampling began, is what the sites really cost (other programs
+    on the host included)."""
 
     def __init__(self, sites: dict[str, subprocess.Popen], head: subprocess.Popen, period: float = 0.5):
         self.sites, self.head, self.period = sites, psutil.Process(head.pid), period
-        self.site_peak = {name: 0 for name in sites}
+        self.site_peak: dict[str, int] = {}
         self.actor_peak: dict[int, int] = {}
         self.cluster_peak = 0  # the head's whole process tree: GCS, raylet, agents, every actor
+        self.host_baseline = self.host_peak = psutil.virtual_memory().used
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -137,8 +142,9 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            for name, proc in self.sites.items():
-                self.site_peak[name] = max(self.site_peak[name], _rss(proc.pid))
+            self.host_peak = max(self.host_peak, psutil.virtual_memory().used)
+            for name, proc in list(self.sites.items()):  # the dict fills while sites are started
+                self.site_peak[name] = max(self.site_peak.get(name, 0), _rss(proc.pid))
             tree = self.head.children(recursive=True)
             self.cluster_peak = max(self.cluster_peak, sum(_rss(p.pid) for p in tree))
             for p in tree:
@@ -180,17 +186,17 @@ def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int =
     # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX allows 107 bytes).
     with tempfile.TemporaryDirectory(prefix="rmm-ray-") as ray_tmp:
         with ray_head(Path(ray_tmp), cpus, 128 * MIB) as (ray_address, head), coordinator(work / "coordinator.yaml", port):
-            procs = {}
-            clock = time.perf_counter()
-            for i, name in enumerate(names):
-                shard = dirs[i * tasks:(i + 1) * tasks]
-                procs[name] = subprocess.Popen(
-                    [str(BIN / "rmm"), "site", "run", "--coordinator", f"127.0.0.1:{port}", "--federation", FEDERATION,
-                     "--site", name, "--insecure", "--adapters", *map(str, shard), "--ray-address", ray_address,
-                     "--threads", str(threads), "--out", str(work / name), "--json"],
-                    env={**os.environ, "RMM_SITE_TOKEN": tokens[name]}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                )
+            procs: dict[str, subprocess.Popen] = {}
             with PeakRSS(procs, head) as memory:
+                clock = time.perf_counter()
+                for i, name in enumerate(names):
+                    shard = dirs[i * tasks:(i + 1) * tasks]
+                    procs[name] = subprocess.Popen(
+                        [str(BIN / "rmm"), "site", "run", "--coordinator", f"127.0.0.1:{port}", "--federation", FEDERATION,
+                         "--site", name, "--insecure", "--adapters", *map(str, shard), "--ray-address", ray_address,
+                         "--threads", str(threads), "--out", str(work / name), "--json"],
+                        env={**os.environ, "RMM_SITE_TOKEN": tokens[name]}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    )
                 outputs = _finish(procs, clock + timeout)
             seconds = time.perf_counter() - clock
     failed = {n: err[-2000:] for n, (rc, _, err) in outputs.items() if rc != 0}
@@ -209,6 +215,7 @@ def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int =
         "site_process_peak_rss_bytes": site_rss,
         "actor_process_peak_rss_bytes": actor_rss,
         "ray_cluster_peak_rss_bytes": memory.cluster_peak,
+        "host_used_memory_peak_increase_bytes": memory.host_peak - memory.host_baseline,
     }
 
 
@@ -228,6 +235,7 @@ def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, tu
 
 def render(result: dict, command: str) -> str:
     site, actor = result["site_process_peak_rss_bytes"], result["actor_process_peak_rss_bytes"]
+    host = result["host_used_memory_peak_increase_bytes"]
 
     def spread(xs: list[int]) -> str:
         return f"{xs[len(xs) // 2] / MIB:.0f} MiB (max {xs[-1] / MIB:.0f})" if xs else "n/a"
@@ -236,12 +244,14 @@ def render(result: dict, command: str) -> str:
         f"`{command}`",
         "",
         "| sites | tasks / site | Ray CPUs | wall time | site process peak RSS, median (max) | its actor's peak RSS, median (max) "
-        "| Ray cluster peak RSS (all actors included) | max rel. dW difference to `rmm merge` |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Ray cluster peak RSS (all actors included) | host memory used: peak increase (per site) | max rel. dW difference to `rmm merge` |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['sites']} | {result['tasks_per_site']} | {result['ray_cpus']} | {result['wall_seconds']:.1f} s | {spread(site)} "
-        f"| {spread(actor)} | {result['ray_cluster_peak_rss_bytes'] / GIB:.2f} GiB | {result['max_relative_dW_difference_to_merge']:.1e} |",
+        f"| {spread(actor)} | {result['ray_cluster_peak_rss_bytes'] / GIB:.2f} GiB | {host / GIB:.2f} GiB ({host / result['sites'] / MIB:.0f} MiB) "
+        f"| {result['max_relative_dW_difference_to_merge']:.1e} |",
         "",
-        "RSS counts shared pages (the Python, torch and Ray libraries) in every process, so sums overstate the host's memory.",
+        "RSS counts shared pages (the Python, torch and Ray libraries) in every process, so sums of it overstate the host's memory;",
+        "the host's used memory is measured from just before the sites start (other programs on the host included).",
         "",
     ])
 
