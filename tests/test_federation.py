@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,7 @@ from rmm.bundle import MergeOptions, read_manifest
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, plan_modules, revert
 from rmm.payload import write_payload
-from workers.client import Credentials, FederationClient
+from workers.client import Credentials, FederationClient, Retry
 from workers.simulate import BackgroundCoordinator, simulate
 from workers.site import run_site
 
@@ -300,3 +301,13 @@ def test_site_and_coordinator_failures_are_one_line_errors(ray_cluster, seven, t
                                tls={"cert": certs["server_cert"], "key": certs["a_key"]})
     with pytest.raises(RMMError, match=r"a\.key.*does not belong to the certificate"):
         BackgroundCoordinator(config)
+
+
+def test_client_retries_an_unreachable_coordinator_for_its_retry_time_then_says_so(tmp_path):
+    """Nothing listens: every attempt is UNAVAILABLE; the client retries (one log line each) for Retry.seconds, then one RMMError."""
+    client = FederationClient(f"127.0.0.1:{_free_port()}", "fed", "a", Credentials(token="t", insecure=True), timeout=30, retry=Retry(seconds=2))
+    clock = time.monotonic()
+    with pytest.raises(RMMError, match=r"Status failed \(UNAVAILABLE\): .* \(retried for 2 s\)$"):
+        client.status()
+    assert 1.5 < time.monotonic() - clock < 10
+    client.close()

@@ -1,9 +1,9 @@
 """A site's gRPC client for the coordinator: join, resumable chunked upload, commit, wait, download, publish.
 
-Every call is idempotent (see protos/rmm/v1/federation.proto), carries the site's bearer token and
-a deadline, and waits for the channel to be ready. A call the coordinator could not take (it
-restarted, the connection dropped) is repeated under `Retry`; gRPC's own retries cannot do this for
-uploads, as it buffers at most 256 KiB of a call. Uploads ask the coordinator which chunks it lacks
+Every call is idempotent (see protos/rmm/v1/federation.proto) and carries the site's bearer token
+and a deadline. A call the coordinator could not take (it is restarting or unreachable, the
+connection dropped) is repeated under `Retry`, the one bound on how long a site waits for it; gRPC's
+own retries cannot do this for uploads, as they buffer at most 256 KiB of a call. Uploads ask the coordinator which chunks it lacks
 first, so a dropped connection or a restarted coordinator never costs an acknowledged chunk twice;
 downloads resume from the bytes already on disk. Any other failure is an RMMError carrying the
 coordinator's message.
@@ -117,7 +117,7 @@ class FederationClient:
 
     def _call(self, name: str, request, timeout: float | None = None):
         method = getattr(self.stub, name)
-        attempt = lambda: method(request, timeout=timeout or self.timeout, metadata=self.metadata, wait_for_ready=True)  # noqa: E731
+        attempt = lambda: method(request, timeout=timeout or self.timeout, metadata=self.metadata)  # noqa: E731
         return self.retry.run(f"coordinator {self.address}: {name}", attempt)
 
     def _ids(self) -> dict:
@@ -182,7 +182,7 @@ class FederationClient:
             offset = partial.stat().st_size if partial.exists() else 0
             with open(partial, "ab") as out:
                 request = pb.DownloadRequest(offset=offset, **self._ids())
-                for chunk in self.stub.DownloadBasis(request, timeout=self.timeout, metadata=self.metadata, wait_for_ready=True):
+                for chunk in self.stub.DownloadBasis(request, timeout=self.timeout, metadata=self.metadata):
                     if chunk.offset != offset or hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
                         raise RMMError(f"corrupt basis chunk at offset {chunk.offset}", file=partial)
                     out.write(chunk.data)
