@@ -250,7 +250,7 @@ def test_site_restarted_with_other_actors_and_adapter_order_comes_back(ray_clust
 
     def run(actors, dirs, on_stage=lambda site, stage: None):
         return run_site(f"127.0.0.1:{coordinator.port}", "fed", "a", Credentials(token="t", insecure=True), dirs, tmp_path / "site",
-                        actors=actors, actor_cpus=0.5, wait_timeout=120, on_stage=on_stage)
+                        actors=actors, wait_timeout=120, on_stage=on_stage)
 
     class Died(Exception):
         pass

@@ -136,7 +136,7 @@ def test_sigkilled_coordinator_loses_no_site_and_no_acknowledged_chunk(ray_clust
     def site(name: str) -> dict:
         return run_site(
             f"127.0.0.1:{port}", "fed", name, Credentials(token=tokens[name], insecure=True), shards[name], tmp_path / name,
-            actors=1, actor_cpus=0.5, wait_timeout=120,
+            actors=1, wait_timeout=120,
         )
 
     thread = threading.Thread(target=killer, daemon=True)
