@@ -62,8 +62,8 @@ def ensure_ray(address: str | None = None) -> bool:
     """Join the shared Ray cluster at `address` (else $RAY_ADDRESS), as one more driver of it, or start an
     embedded local Ray sized for this machine; nothing if this process has one. True when it joined one.
 
-    Every embedded Ray starts its own GCS, raylet and agents: a dozen site processes doing so at once on
-    one host time out starting, hence the advice to share one.
+    Every embedded Ray starts its own GCS, raylet and agents: on a loaded host, many site processes
+    doing so at once can time out starting, hence the advice to share one.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
