@@ -6,7 +6,8 @@ ending that command, never by `ray stop`, which would stop every Ray on the mach
 `rmm coordinator serve` (plaintext on 127.0.0.1), then N site processes at once, each a Ray driver of
 that cluster with `--tasks` PEFT adapters of its own. Every site's reverted adapters must equal
 `rmm merge` + `rmm revert` of all the adapters. It reports the wall time (first site started to last
-site done) and the peak RSS of each site process and of each site's actor (a Ray worker process).
+site done), the peak RSS of each site process and of each site's actor (a Ray worker process), and
+how much the host's used memory grew.
 
     .venv/bin/python benchmarks/many_sites.py --sites 32     # writes benchmarks/results/many_sites.{json,md}
 """
@@ -96,9 +97,10 @@ def _wait_for_line(proc: subprocess.Popen, marker: str, timeout: float) -> None:
 
 
 @contextmanager
-def coordinator(config_file: Path, port: int, timeout: float = 60.0):
-    """`rmm coordinator serve` in its own process; ready once its port accepts connections."""
-    proc = subprocess.Popen([str(BIN / "rmm"), "coordinator", "serve", "--config", str(config_file)], stderr=subprocess.PIPE, text=True)
+def coordinator(config_file: Path, port: int, log: Path, timeout: float = 60.0):
+    """`rmm coordinator serve` in its own process, logging to `log`; ready once its port accepts connections."""
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([str(BIN / "rmm"), "coordinator", "serve", "--config", str(config_file)], stderr=sink)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -107,7 +109,7 @@ def coordinator(config_file: Path, port: int, timeout: float = 60.0):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"coordinator did not start:\n{proc.communicate(timeout=10)[1][-3000:]}") from None
+                    raise RuntimeError(f"coordinator did not start:\n{log.read_text()[-3000:]}") from None
                 time.sleep(0.2)
         yield proc
     finally:
@@ -184,27 +186,22 @@ def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int =
     (work / "coordinator.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
     # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX allows 107 bytes).
-    with tempfile.TemporaryDirectory(prefix="rmm-ray-") as ray_tmp:
-        with ray_head(Path(ray_tmp), cpus, 128 * MIB) as (ray_address, head), coordinator(work / "coordinator.yaml", port):
-            procs: dict[str, subprocess.Popen] = {}
-            with PeakRSS(procs, head) as memory:
-                clock = time.perf_counter()
-                for i, name in enumerate(names):
-                    shard = dirs[i * tasks:(i + 1) * tasks]
-                    procs[name] = subprocess.Popen(
-                        [str(BIN / "rmm"), "site", "run", "--coordinator", f"127.0.0.1:{port}", "--federation", FEDERATION,
-                         "--site", name, "--insecure", "--adapters", *map(str, shard), "--ray-address", ray_address,
-                         "--threads", str(threads), "--out", str(work / name), "--json"],
-                        env={**os.environ, "RMM_SITE_TOKEN": tokens[name]}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    )
-                outputs = _finish(procs, clock + timeout)
+    procs: dict[str, subprocess.Popen] = {}
+    with tempfile.TemporaryDirectory(prefix="rmm-ray-") as ray_tmp, ray_head(Path(ray_tmp), cpus, 128 * MIB) as (ray_address, head):
+        with coordinator(work / "coordinator.yaml", port, work / "coordinator.log"), PeakRSS(procs, head) as memory:
+            clock = time.perf_counter()
+            for i, name in enumerate(names):
+                site = ["--site", name, "--adapters", *map(str, dirs[i * tasks:(i + 1) * tasks]), "--out", str(work / name)]
+                common = ["--coordinator", f"127.0.0.1:{port}", "--federation", FEDERATION, "--insecure", "--ray-address", ray_address]
+                procs[name] = _start_site([*site, *common, "--threads", str(threads), "--json"], tokens[name], work / name)
+            codes = _finish(procs, clock + timeout)
             seconds = time.perf_counter() - clock
-    failed = {n: err[-2000:] for n, (rc, _, err) in outputs.items() if rc != 0}
+    failed = {n: (work / f"{n}.log").read_text()[-2000:] for n, rc in codes.items() if rc != 0}
     if failed:
-        raise RuntimeError(f"{len(failed)} of {sites} sites failed: " + "\n".join(f"{n}: {e}" for n, e in failed.items()))
+        raise RuntimeError(f"{len(failed)} of {sites} sites failed: " + "\n".join(f"{n} (exit {codes[n]}): {e}" for n, e in failed.items()))
     worst = 0.0
-    for name, (_, out, _) in outputs.items():
-        for task in json.loads(out)["sites"][0]["tasks"]:
+    for name in names:
+        for task in json.loads((work / f"{name}.json").read_text())["sites"][0]["tasks"]:
             worst = max(worst, _relative_difference(work / name / "reverted" / task, central / "reverted" / task))
     site_rss, actor_rss = sorted(memory.site_peak.values()), sorted(memory.actor_peak.values())
     return {
@@ -219,18 +216,22 @@ def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int =
     }
 
 
-def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, tuple[int, str, str]]:
-    """Every site's (exit code, stdout, stderr); a site still running at the deadline is killed (exit -9)."""
-    outputs = {}
-    for name, proc in procs.items():
+def _start_site(args: list[str], token: str, files: Path) -> subprocess.Popen:
+    """`rmm site run ARGS`, its report (stdout) in FILES.json, its log in FILES.log: a full pipe would stall it."""
+    with open(files.with_suffix(".json"), "w") as out, open(files.with_suffix(".log"), "w") as err:
+        env = {**os.environ, "RMM_SITE_TOKEN": token}
+        return subprocess.Popen([str(BIN / "rmm"), "site", "run", *args], env=env, stdout=out, stderr=err)
+
+
+def _finish(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, int]:
+    """Every site's exit code; a site still running at the deadline is killed (exit -9)."""
+    for proc in procs.values():
         try:
-            out, err = proc.communicate(timeout=max(1.0, deadline - time.perf_counter()))
+            proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
-            err += "\n(killed: the run's timeout expired)"
-        outputs[name] = (proc.returncode, out, err)
-    return outputs
+            proc.wait()
+    return {name: proc.returncode for name, proc in procs.items()}
 
 
 def render(result: dict, command: str) -> str:
@@ -244,11 +245,12 @@ def render(result: dict, command: str) -> str:
         f"`{command}`",
         "",
         "| sites | tasks / site | Ray CPUs | wall time | site process peak RSS, median (max) | its actor's peak RSS, median (max) "
-        "| Ray cluster peak RSS (all actors included) | host memory used: peak increase (per site) | max rel. dW difference to `rmm merge` |",
+        "| Ray cluster peak RSS (all actors included) | host memory used: peak increase (per site) "
+        "| max rel. dW difference to `rmm merge` |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {result['sites']} | {result['tasks_per_site']} | {result['ray_cpus']} | {result['wall_seconds']:.1f} s | {spread(site)} "
-        f"| {spread(actor)} | {result['ray_cluster_peak_rss_bytes'] / GIB:.2f} GiB | {host / GIB:.2f} GiB ({host / result['sites'] / MIB:.0f} MiB) "
-        f"| {result['max_relative_dW_difference_to_merge']:.1e} |",
+        f"| {spread(actor)} | {result['ray_cluster_peak_rss_bytes'] / GIB:.2f} GiB "
+        f"| {host / GIB:.2f} GiB ({host / result['sites'] / MIB:.0f} MiB) | {result['max_relative_dW_difference_to_merge']:.1e} |",
         "",
         "RSS counts shared pages (the Python, torch and Ray libraries) in every process, so sums of it overstate the host's memory;",
         "the host's used memory is measured from just before the sites start (other programs on the host included).",
