@@ -1,8 +1,8 @@
 """`rmm simulate`: a whole federation on one machine, through the deployment code path.
 
-One embedded local Ray, a coordinator on 127.0.0.1 (mutual TLS with throwaway development
-certificates, per-site tokens), and N sites, each a `run_site` with its own Ray actors, running
-concurrently. Nothing is mocked: the sites reach the coordinator over real gRPC.
+One embedded local Ray (or the cluster at $RAY_ADDRESS), a coordinator on 127.0.0.1 (mutual TLS
+with throwaway development certificates, per-site tokens), and N sites, each a `run_site` with its
+own Ray actors, running concurrently. Nothing is mocked: the sites reach the coordinator over real gRPC.
 """
 
 from __future__ import annotations
