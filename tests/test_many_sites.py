@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,16 @@ def test_a_site_whose_embedded_ray_cannot_start_says_how_to_share_one(adapters, 
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "ray start --head" in last and "--ray-address" in last, done.stderr[-3000:]
+
+
+def test_a_site_told_a_ray_address_where_nothing_listens_says_so_at_once(adapters, tmp_path):
+    """Ray itself retries such an address for minutes before failing."""
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "RMM_SITE_TOKEN": "t"}
+    args = [RMM, "site", "run", "--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "s", "--insecure",
+            "--adapters", str(adapters[0]), "--out", str(tmp_path / "out"), "--ray-address", address]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot join the Ray cluster at {address}"), done.stderr[-3000:]

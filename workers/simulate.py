@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,20 +70,32 @@ def ensure_ray(address: str | None = None) -> bool:
     if ray.is_initialized():
         return bool(address)
     quiet = {"log_to_driver": False, "configure_logging": False}
-    try:
-        if address:
+    # ray.init raises bare Exceptions (e.g. "The current node timed out during startup"): the first line says why.
+    if address:
+        host, _, port = address.rpartition(":")
+        if host and port.isdigit() and "://" not in host:  # HOST:PORT (not auto, not ray://): Ray retries a dead one for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as e:
+                reason = e.strerror or e
+                raise RMMError(f"cannot join the Ray cluster at {address}: {reason}; is `ray start --head` running there?") from None
+        try:
             ray.init(address=address, **quiet)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=256 * 1024 * 1024, include_dashboard=False, **quiet)
-    except Exception as e:  # ray.init raises bare Exceptions (e.g. "The current node timed out during startup")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if address:
-            raise RMMError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        except Exception as e:
+            raise RMMError(f"cannot join the Ray cluster at {address}: {_first_line(e)}") from None
+        return True
+    try:
+        ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=256 * 1024 * 1024, include_dashboard=False, **quiet)
+    except Exception as e:
         raise RMMError(
-            f"could not start an embedded Ray ({reason}); for many sites on one host, start one shared Ray "
+            f"could not start an embedded Ray ({_first_line(e)}); for many sites on one host, start one shared Ray "
             "(`ray start --head --num-cpus N`) and give every site --ray-address auto"
         ) from None
-    return bool(address)
+    return False
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def split(items: list, parts: int) -> list[list]:
