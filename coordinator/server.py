@@ -142,9 +142,11 @@ class Coordinator:
         """Close the round with the committed sites (a list), or fail the federation (a message)."""
         try:
             if isinstance(due, str):
+                log.info("federation %s: %s; committed: %s", fed.config.id, due, ", ".join(sorted(fed.commits)) or "none")
                 await asyncio.to_thread(fed.fail, due)
             else:
-                log.info("federation %s: %s", fed.config.id, fed.message())
+                # The operator's log names the sites; what sites read (Status, refusals) counts them only.
+                log.info("federation %s: %s (%s)", fed.config.id, fed.message(), ", ".join(due))
                 try:
                     await asyncio.to_thread(fed.aggregate, due)
                 except Exception as e:  # whatever stops the aggregation is the federation's outcome
@@ -202,8 +204,8 @@ class _Servicer(pb_grpc.FederationServicer):
         if not request.HasField("manifest"):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the join request has no manifest")
         outcome = await asyncio.to_thread(fed.join, request.site_id, request.manifest)
-        # The sites' token hashes stay on the coordinator; a site learns only who takes part.
-        config = fed.config.model_dump(mode="json") | {"sites": sorted(fed.config.sites)}
+        # Token hashes, quotas and the other sites' ids stay on the coordinator: a site learns only about itself.
+        config = fed.config.model_dump(mode="json") | {"sites": [request.site_id]}
         return pb.JoinResponse(federation_config_json=json.dumps(config)), outcome
 
     @_call
@@ -230,8 +232,9 @@ class _Servicer(pb_grpc.FederationServicer):
         result = fed.result or fed.bases or {}
         response = pb.StatusResponse(
             state=fed.state,
-            joined_sites=sorted(fed.manifests),
-            committed_sites=sorted(fed.commits),
+            # Only the calling site's own membership: no site learns which others joined or committed.
+            joined_sites=[request.site_id] if request.site_id in fed.manifests else [],
+            committed_sites=[request.site_id] if request.site_id in fed.commits else [],
             min_sites=fed.config.min_sites,
             message=fed.message(),
             basis_sha256=result.get("basis_sha256", ""),

@@ -180,17 +180,16 @@ class FederationState:
         return [s for s in self.bases["sites"] if s not in self.curves] if self.bases else []
 
     def message(self) -> str:
+        """What the federation is doing, for any site: counts only, never another site's name."""
         if self.result:
             return self.result["message"]
         if self.closing:
             return self.closing
         if self.bases:
-            waiting = ", ".join(self.missing_curves())
             left = max(0.0, self.bases["finished"] + self.config.deadline_seconds - time.time())
-            return f"bases ready; waiting for the curves of {waiting}, deadline in {left:.0f} s"
-        waiting = ", ".join(self.missing_sites())
+            return f"bases ready; waiting for the curves of {len(self.missing_curves())} of {len(self.bases['sites'])} sites, deadline in {left:.0f} s"
         return (
-            f"waiting for {waiting}: {len(self.commits)} of {len(self.config.sites)} sites committed, "
+            f"waiting: {len(self.commits)} of {len(self.config.sites)} sites committed, "
             f"min_sites={self.config.min_sites}, deadline in {max(0.0, self.deadline - time.time()):.0f} s"
         )
 
@@ -209,18 +208,15 @@ class FederationState:
                     return list(self.bases["sites"])
                 if now < self.bases["finished"] + self.config.deadline_seconds:
                     return None
-                self.closing = f"deadline passed without the curves of {', '.join(self.missing_curves())}"
+                self.closing = f"deadline passed without the curves of {len(self.missing_curves())} of {len(self.bases['sites'])} sites"
                 return self.closing
             if self.missing_sites() and now < self.deadline:
                 return None
             if len(self.commits) >= self.config.min_sites:
                 sites = sorted(self.commits)
-                self.closing = f"aggregating {len(sites)} sites ({', '.join(sites)})"
+                self.closing = f"aggregating {len(sites)} sites"
                 return sites
-            self.closing = (
-                f"deadline passed: {len(self.commits)} of min_sites={self.config.min_sites} sites committed "
-                f"({', '.join(self.missing_sites())} missing)"
-            )
+            self.closing = f"deadline passed: {len(self.commits)} of min_sites={self.config.min_sites} sites committed"
             return self.closing
 
     # -- calls ------------------------------------------------------------------------------------
@@ -563,7 +559,7 @@ class FederationState:
             solved = time.perf_counter()
             result = {
                 "state": "DONE",
-                "message": f"aggregated {len(tasks)} tasks of {len(sites)} sites ({', '.join(sites)})",
+                "message": f"aggregated {len(tasks)} tasks of {len(sites)} sites",
                 "sites": sites,
                 "tasks": tasks,
                 "modules": [m.model_dump() for m in modules],
