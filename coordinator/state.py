@@ -550,7 +550,7 @@ class FederationState:
             return self._write_bases(sites, tasks, parts, started, clock)
         with atomic_dir(self.dir / "result") as tmp:
             if self.config.method == "auto":
-                budget = self.config.storage_ratio * sum(m.lora_numbers for m in manifests)
+                budget = self.config.merge_options().storage_ratio * sum(m.lora_numbers for m in manifests)
                 modules, energy = write_plan(parts, self._parts(sites, "curves"), self.config.modules, budget,
                                              self.dir / "bases" / "bases.safetensors", tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
             else:

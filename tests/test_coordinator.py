@@ -377,9 +377,9 @@ async def curves_of(stub, world, two_sites, site, tmp_path):
 
 def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, world, two_sites, tmp_path):
     """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
-    a coordinator restart between the two sites' curves."""
+    a coordinator restart between the two sites' curves. The config leaves the budget at its default, as `rmm merge` does."""
     shards, spectra, manifests = two_sites.shards, two_sites.spectra, two_sites.manifests
-    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    fed = federation(world, sites="ab", method="auto", basis_size=None, upload_kinds=None)
     config = coordinator_config(tmp_path / "state", fed)
     commit = commit_file
 
@@ -413,9 +413,9 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
     assert "waiting for the curves of 1 of 2 sites" in resumed.message
     assert done.state == "DONE", done.message
     (tmp_path / "basis.safetensors").write_bytes(basis)
-    central = merge(adapters, tmp_path / "central", MergeOptions(storage_ratio=0.6), progress=False)
+    central = merge(adapters, tmp_path / "central", MergeOptions(), progress=False)
     for i, shard in shards.items():
-        site = merge([a.path for a in shard], tmp_path / f"site-{i}", MergeOptions(storage_ratio=0.6), basis=tmp_path / "basis.safetensors", progress=False)
+        site = merge([a.path for a in shard], tmp_path / f"site-{i}", MergeOptions(), basis=tmp_path / "basis.safetensors", progress=False)
         for a in shard:
             for name, err in site.report.errors[a.name].items():
                 assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6)
