@@ -311,3 +311,25 @@ def test_client_retries_an_unreachable_coordinator_for_its_retry_time_then_says_
         client.status()
     assert 1.5 < time.monotonic() - clock < 10
     client.close()
+
+
+def test_a_coordinator_certificate_the_site_cannot_verify_fails_at_once(seven, tmp_path):
+    """A TLS handshake the site rejects (a CA that did not sign the coordinator) is a configuration error, not a
+    restart: one RMMError naming the handshake at once, not after the whole retry time."""
+    adapters = [open_adapter(p) for p in seven]
+    ours, theirs = make_dev_certs(tmp_path / "ours", ["a"]), make_dev_certs(tmp_path / "theirs", ["a"])
+    federation = FederationConfig(
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), sites={"a": Site(token_sha256=token_hash("t"))},
+    )
+    tls = {"cert": ours["server_cert"], "key": ours["server_key"], "client_ca": ours["ca_cert"]}
+    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", tls=tls, federations=[federation]))
+    wrong_ca = Credentials(token="t", ca=theirs["ca_cert"], cert=ours["a_cert"], key=ours["a_key"])
+    client = FederationClient(f"127.0.0.1:{coordinator.port}", "fed", "a", wrong_ca, retry=Retry(seconds=60))
+    clock = time.monotonic()
+    try:
+        with pytest.raises(RMMError, match=r"Status failed \(UNAVAILABLE\): TLS handshake with the coordinator failed .*--ca"):
+            client.status()
+    finally:
+        client.close()
+        coordinator.stop()
+    assert time.monotonic() - clock < 10

@@ -48,6 +48,11 @@ class Retry:
             except grpc.RpcError as e:
                 now = time.monotonic()
                 give_up = give_up or now + self.seconds
+                if _handshake_failed(e):
+                    raise RMMError(
+                        f"{what} failed ({e.code().name}): TLS handshake with the coordinator failed ({e.details()}); "
+                        "check that --ca is the CA that signed the coordinator's certificate and the address is a name it holds"
+                    ) from None
                 if not transient(e) or now >= give_up:
                     retried = f" (retried for {self.seconds:.0f} s)" if transient(e) else ""
                     raise RMMError(f"{what} failed ({e.code().name}): {e.details()}{retried}") from None
@@ -55,6 +60,12 @@ class Retry:
                 log.warning("%s: coordinator unavailable (%s); retrying in %.1f s", what, e.details(), pause)
                 time.sleep(pause)
                 delay = min(2 * delay, self.longest)
+
+
+def _handshake_failed(e: grpc.RpcError) -> bool:
+    """The site rejected the coordinator's certificate: a configuration error that no retry mends. (A coordinator
+    rejecting the site's certificate only closes the socket, which looks like a restart: that one is retried.)"""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and "handshake failed" in (e.details() or "").lower()
 
 
 def transient(e: grpc.RpcError) -> bool:
