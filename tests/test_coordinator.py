@@ -375,6 +375,13 @@ async def curves_of(stub, world, two_sites, site, tmp_path):
     return file
 
 
+async def spectra_round(stub, two_sites) -> None:
+    """Method auto's first round: both sites join and commit their spectra."""
+    for site in "ab":
+        await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]), metadata=auth(site), timeout=10)
+        await commit_file(stub, site, two_sites.spectra[site])
+
+
 def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, world, two_sites, tmp_path):
     """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
     a coordinator restart between the two sites' curves. The config leaves the budget at its default, as `rmm merge` does."""
@@ -429,9 +436,7 @@ def test_auto_fails_at_the_deadline_of_its_second_round(world, two_sites, tmp_pa
 
     async def main():
         async with serving(config) as (stub, _, _):
-            for site in "ab":
-                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]), metadata=auth(site), timeout=10)
-                await commit_file(stub, site, two_sites.spectra[site])
+            await spectra_round(stub, two_sites)
             assert (await status(stub, "a", wait=10)).state == "CURVES"
             await commit_file(stub, "a", await curves_of(stub, world, two_sites, "a", tmp_path))
             return await status(stub, "a", wait=25)
@@ -511,9 +516,7 @@ def test_acknowledged_curves_chunks_survive_a_restart(world, two_sites, tmp_path
 
     async def main():
         async with serving(config) as (stub, _, _):
-            for site in "ab":
-                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]), metadata=auth(site), timeout=10)
-                await commit_file(stub, site, two_sites.spectra[site])
+            await spectra_round(stub, two_sites)
             assert (await status(stub, "a", wait=30)).state == "CURVES"
             curves = await curves_of(stub, world, two_sites, "a", tmp_path)
             part = await upload(stub, "fed", "a", curves)

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from test_coordinator import _manifest
+
 from coordinator.config import CoordinatorConfig, FederationConfig, Site, token_hash
 from protos.rmm.v1 import federation_pb2 as pb, federation_pb2_grpc as pb_grpc
 from rmm.adapter import open_adapters
@@ -138,19 +140,7 @@ def manifests(valid: pb.SiteManifest):
         st.tuples(st.just("lora_numbers"), int64),
         st.tuples(st.just("canonicalize"), st.booleans()),
     )
-    return st.lists(field, max_size=3).map(lambda changes: _mutate_manifest(valid, changes))
-
-
-def _mutate_manifest(valid: pb.SiteManifest, changes) -> pb.SiteManifest:
-    m = pb.SiteManifest()
-    m.CopyFrom(valid)
-    for key, value in changes:
-        if isinstance(value, list):
-            del getattr(m, key)[:]
-            getattr(m, key).extend(value)
-        else:
-            setattr(m, key, value)
-    return m
+    return st.lists(field, max_size=3).map(lambda changes: _manifest(valid, **dict(changes)))
 
 
 def calls(manifest: pb.SiteManifest, part: pb.Part):
