@@ -344,6 +344,29 @@ def test_deadline_closes_with_or_without_quorum(world, tmp_path):
     assert late.code() == Code.FAILED_PRECONDITION and "no more joins" in late.details()
 
 
+def test_deadline_counts_from_the_first_start_across_restarts(world, tmp_path):
+    """A restart does not reset the deadline: the federation closes `deadline_seconds` after its first start."""
+    deadline = 4.0
+    config = coordinator_config(tmp_path / "state", federation(world, sites="ab", deadline_seconds=deadline))
+
+    async def main():
+        started = time.monotonic()
+        async with serving(config) as (stub, _, _):
+            await join_and_commit(stub, world, "a")
+            first = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+        await asyncio.sleep(max(0.0, started + deadline / 2 - time.monotonic()))
+        async with serving(config) as (stub, _, _):  # restarted halfway to the deadline; b never commits
+            again = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+            done = await status(stub, "a", wait=3 * deadline)
+        return first, again, done, time.monotonic() - started
+
+    first, again, done, closed_after = asyncio.run(main())
+    assert done.state == "DONE" and done.message == "aggregated 1 tasks of 1 sites", done.message
+    assert (again["created"], again["deadline"]) == (first["created"], first["deadline"])
+    # Closed at the first start's deadline (not deadline_seconds after the restart, at 1.5 x deadline).
+    assert deadline - 0.5 <= closed_after < 1.25 * deadline, closed_after
+
+
 @pytest.fixture(scope="module")
 def two_sites(adapters, world, tmp_path_factory):
     """Method auto: two sites' shards, spectra payloads and manifests."""
