@@ -55,14 +55,24 @@ def test_pooled_roots_give_the_same_bases_as_the_stacked_ones(shape):
     torch.testing.assert_close(joint_errors(B, A, U1, V1), joint_errors(B, A, U2, V2), atol=1e-8, rtol=1e-6)
 
 
+def _stored(m, c, T: int) -> int:
+    """What a module's choice stores, counted from the tensors a bundle holds for it (README's table), not its `cost`."""
+    r = m.trunc.shape[1] - 1
+    if c.kind == "truncate":  # B (out, k_t) and A (in, k_t) per task
+        return sum(c.ranks) * (m.n_out + m.n_in)
+    if c.kind == "joint":  # U (out, Ku), V (in, Kv) and a Ku x Kv core per task
+        return c.size[0] * m.n_out + c.size[1] * m.n_in + T * c.size[0] * c.size[1]
+    return (m.n_out + m.n_in) * (r + r * c.p + T * c.p)  # a mean (r) and a basis (r, p) per position, p per task
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10**6), st.floats(0.05, 1.0))
 def test_the_plan_fits_the_budget_and_beats_the_plain_plans(seed, ratio):
     gen = torch.Generator().manual_seed(seed)
-    modules, whole = [], 0
+    modules, whole, T = [], 0, 4
     for n_out, n_in, r in ((16, 16, 4), (32, 16, 4), (16, 48, 2)):
-        ranks = torch.randint(1, r + 1, (4,), generator=gen).tolist()
-        B, A = _tasks(seed + n_out + n_in, 4, n_out, n_in, r)
+        ranks = torch.randint(1, r + 1, (T,), generator=gen).tolist()
+        B, A = _tasks(seed + n_out + n_in, T, n_out, n_in, r)
         mask = (torch.arange(r)[None, :] < torch.tensor(ranks)[:, None]).double()
         modules.append(curves(B * mask[:, None, :], A * mask[:, :, None], ranks))  # task t of rank ranks[t]
         whole += sum(ranks) * (n_out + n_in)
@@ -71,7 +81,9 @@ def test_the_plan_fits_the_budget_and_beats_the_plain_plans(seed, ratio):
     except RMMError:  # its plan keeps nothing: never so from minimum_ratio on
         assert ratio < minimum_ratio(modules)
         return
-    assert 0 < sum(c.cost for c in plan) <= ratio * whole
+    numbers = [_stored(m, c, T) for m, c in zip(modules, plan)]
+    assert [c.cost for c in plan] == numbers
+    assert 0 < sum(numbers) <= ratio * whole
 
     def objective(p):
         return sum((m.n_out + m.n_in) * sum(c.errors) for m, c in zip(modules, p))
