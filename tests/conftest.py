@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -68,6 +70,16 @@ def make_adapter(base: Path, out: Path, *, seed: int, shared: float = 0.0, **lor
                 p.add_(torch.randn(p.shape, generator=common) * shared)
     model.save_pretrained(out)
     return out
+
+
+def file_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """dW per module straight from an adapter's files, float64: (lora_alpha / r) lora_B lora_A. An answer computed
+    apart from rmm's adapter reading, for adapters without rslora or rank / alpha patterns."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert not config.get("rank_pattern") and not config.get("alpha_pattern") and not config.get("use_rslora")
+    w = {k: v.double() for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    s = config["lora_alpha"] / config["r"]
+    return {k.removesuffix(".lora_A.weight"): s * w[k.replace("lora_A", "lora_B")] @ w[k] for k in w if k.endswith(".lora_A.weight")}
 
 
 @pytest.fixture(scope="session")

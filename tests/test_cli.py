@@ -3,8 +3,34 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from conftest import file_deltas
 from rmm.cli import main
+
+
+def dense_errors(original, reverted) -> dict[str, float]:
+    """Relative dW error per module of a reverted adapter, from both directories' files."""
+    want, got = file_deltas(original), file_deltas(reverted)
+    assert want.keys() == got.keys()
+    return {m: float((got[m] - want[m]).norm() / want[m].norm()) for m in want}
+
+
+def assert_task_row(row: dict, errors: dict[str, float]):
+    """`inspect`'s row of one task against the errors measured on its reverted adapter."""
+    assert row["mean_error"] == pytest.approx(sum(errors.values()) / len(errors), rel=1e-4)
+    assert row["max_error"] == pytest.approx(max(errors.values()), rel=1e-4)
+    assert errors[row["worst_module"]] == pytest.approx(max(errors.values()), rel=1e-4)
+
+
+def spread_kept(adapters, key: str, p: int) -> float:
+    """Share of the tasks' spread around the per-position mean that the top p directions keep, by per-position SVD of
+    one factor (`key`, e.g. "<module>.lora_B.weight"; lora_A's columns are its positions)."""
+    X = torch.stack([load_file(a / "adapter_model.safetensors")[key].double() for a in adapters])
+    X = X.mT if ".lora_A." in key else X  # (T, positions, r)
+    S2 = torch.linalg.svdvals((X - X.mean(0)).transpose(0, 1)) ** 2  # (positions, min(T, r))
+    return float(S2[:, :p].sum() / S2.sum())
 
 
 @pytest.mark.parametrize("verb", ["merge", "revert", "inspect", "extract", "baseline", "simulate", "certs"])
@@ -24,9 +50,11 @@ def test_merge_inspect_revert(adapters, tmp_path, capsys):
 
     assert main(["inspect", str(bundle), "--json"]) == 0
     inspected = json.loads(capsys.readouterr().out)
-    assert inspected["tasks"] == merged["tasks"]
-    assert set(inspected["tasks"]["task0"]) == {"mean_error", "max_error", "worst_module"}
-    assert all(0 < m["energy"]["B"] < 1 and 0 < m["energy"]["A"] < 1 and m["stored"] == "p=1" for m in inspected["modules"].values())
+    assert set(inspected["tasks"]) == {a.name for a in adapters}
+    for name, row in inspected["modules"].items():
+        assert row["stored"] == "p=1"
+        for factor in "BA":
+            assert row["energy"][factor] == pytest.approx(spread_kept(adapters, f"{name}.lora_{factor}.weight", 1), rel=1e-4)
 
     assert main(["inspect", str(bundle)]) == 0
     shown = capsys.readouterr().err
@@ -34,6 +62,8 @@ def test_merge_inspect_revert(adapters, tmp_path, capsys):
 
     assert main(["revert", str(bundle), "--out", str(tmp_path / "rev"), "--task", "task1", "--task", "task3"]) == 0
     assert sorted(p.name for p in (tmp_path / "rev").iterdir()) == ["task1", "task3"]
+    for a in adapters[1:4:2]:
+        assert_task_row(inspected["tasks"][a.name], dense_errors(a, tmp_path / "rev" / a.name))
     assert main(["revert", str(bundle), "--out", str(tmp_path / "rev"), "--task", "nope"]) == 2
     assert "no task 'nope'" in capsys.readouterr().err
 
@@ -45,6 +75,11 @@ def test_baseline_verb(adapters, tmp_path, capsys):
     assert main(["baseline", "truncate", *map(str, adapters), "--out", str(out), "--param", "rank=2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["storage_ratio"] == pytest.approx(0.5) and sorted(p.name for p in out.iterdir() if p.is_dir()) == [a.name for a in adapters]
+    for a in adapters:  # each task's dW cut to its top two singular directions
+        want, got = file_deltas(a), file_deltas(out / a.name)
+        for m, dW in want.items():
+            U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+            torch.testing.assert_close(got[m], (U[:, :2] * S[:2]) @ Vh[:2], rtol=1e-5, atol=1e-6)
     assert main(["baseline", "nope", *map(str, adapters), "--out", str(tmp_path / "n")]) == 2
 
 
@@ -55,8 +90,15 @@ def test_default_merge_shows_its_allocation(adapters, tmp_path, capsys):
     assert merged["options"]["method"] == "auto" and merged["storage"]["ratio_counted"] <= 0.5
     assert sum(merged["allocation"].values()) == merged["modules_count"] and merged["allocation"]["shared"] == 0
     assert merged["storage"]["ratio_counted"] == pytest.approx(merged["storage"]["ratio_formula"])
-    for row in merged["modules"].values():
-        assert row["stored"].startswith(("truncate", "joint")) and "dW" in row["energy"]
+    assert main(["revert", str(bundle), "--out", str(tmp_path / "rev")]) == 0
+    originals = {a.name: file_deltas(a) for a in adapters}
+    reverted = {a.name: file_deltas(tmp_path / "rev" / a.name) for a in adapters}
+    for a in adapters:
+        assert_task_row(merged["tasks"][a.name], dense_errors(a, tmp_path / "rev" / a.name))
+    for name, row in merged["modules"].items():  # energy kept: sum_t ||reverted dW_t||^2 / sum_t ||dW_t||^2
+        assert row["stored"].startswith(("truncate", "joint"))
+        kept = sum(float((d[name] ** 2).sum()) for d in reverted.values()) / sum(float((d[name] ** 2).sum()) for d in originals.values())
+        assert row["energy"]["dW"] == pytest.approx(kept, rel=1e-4)
     assert main(["inspect", str(bundle)]) == 0
     shown = capsys.readouterr().err
     assert "method auto" in shown and "stored as" in shown

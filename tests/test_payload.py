@@ -1,12 +1,9 @@
 """Site payloads of every kind aggregate to the centralised basis; sketches below full rank are lossy."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import make_adapter
+from conftest import file_deltas, make_adapter
 from rmm.adapter import open_adapter
 from rmm.bundle import BASIS_FILE, MergeOptions
 from rmm.io import open_safetensors
@@ -73,16 +70,6 @@ def alike(llama_base, tmp_path_factory):
     return [make_adapter(llama_base, root / f"a{i}", seed=40 + i, shared=0.95) for i in range(8)]
 
 
-def _energies(adapter_dir) -> dict[str, float]:
-    """||dW||^2 per module straight from the adapter's files: dW = (lora_alpha / r) lora_B lora_A (no patterns here)."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert not config["rank_pattern"] and not config["alpha_pattern"] and not config["use_rslora"]
-    w = {k: v.double() for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
-    s = config["lora_alpha"] / config["r"]
-    return {k.removesuffix(".lora_A.weight"): float(((s * w[k.replace("lora_A", "lora_B")] @ w[k]) ** 2).sum())
-            for k in w if k.endswith(".lora_A.weight")}
-
-
 @pytest.mark.parametrize("inputs, ratio, kinds", [
     ("eight", 0.3, {"joint"}), ("eight", 0.6, {"truncate", "joint"}), ("alike", 0.15, {"joint", "shared"}),
 ])
@@ -105,7 +92,7 @@ def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(request, 
     planned, kept = write_plan(spectra, curves[::-1], modules, ratio * numbers_original(adapters), tmp_path / "bases.safetensors", tmp_path / "plan.safetensors")
     assert [(m.method, m.ranks, m.size, m.p) for m in planned] == [(m.method, m.ranks, m.size, m.p) for m in central.modules]
     # The share of the tasks' summed ||dW||^2 the plan keeps: from the centralised report's errors and dW computed here.
-    energy = {a.name: _energies(a.path) for a in adapters}
+    energy = {a.name: {m: float((dW * dW).sum()) for m, dW in file_deltas(a.path).items()} for a in adapters}
     for m in central.modules:
         lost = sum(central.report.errors[t][m.name] ** 2 * energy[t][m.name] for t in energy)
         want = 1 - lost / sum(e[m.name] for e in energy.values())
