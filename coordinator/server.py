@@ -1,8 +1,9 @@
 """The coordinator: a grpc.aio `rmm.v1.Federation` service plus the standard health service.
 
 Every call authenticates, validates, and only then changes state (in a worker thread, so file I/O
-never stalls the event loop); a refused call changes nothing. A background task closes each
-federation once every site has committed, or at its deadline, and aggregates in a worker thread.
+never stalls the event loop); a refused call changes nothing, and its transport-neutral `Reason`
+becomes a gRPC status code here only. A background task closes each federation's round once every
+site has uploaded, or at its deadline (phase CLOSING), and aggregates it in a worker thread.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.auth import authenticate, server_credentials
-from coordinator.config import MAX_CHUNK, MAX_MESSAGE, CoordinatorConfig
-from coordinator.state import FederationState, Refused
+from coordinator.config import CoordinatorConfig
+from coordinator.publish import Publication
+from coordinator.state import FederationState, Phase, Reason, Refused
 from protos.rmm.v1 import federation_pb2 as pb, federation_pb2_grpc as pb_grpc
+from protos.rmm.v1.wire import MAX_CHUNK, MESSAGE_LIMITS
 from rmm.errors import RMMError
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,16 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 TICK = 0.2  # seconds between deadline checks
 MAX_WAIT = 30.0  # longest Status wait, so idle calls do not pin connections forever
+CODES = {
+    Reason.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.CONFLICT: grpc.StatusCode.ABORTED,
+    Reason.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+}
 
 
 def _lock_state_dir(state_dir):
@@ -48,8 +61,9 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
         self.federations: dict[str, FederationState] = {}
-        self._changed: dict[str, asyncio.Event] = {}  # set (and replaced) whenever a federation changes state
-        self._closing: set[asyncio.Task] = set()
+        self.publications: dict[str, Publication] = {}
+        self._changed: dict[str, asyncio.Event] = {}  # set (and replaced) whenever a federation changes phase
+        self._aggregating: dict[str, asyncio.Task] = {}  # per federation id, its aggregation in progress
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._ticker: asyncio.Task | None = None
@@ -69,11 +83,11 @@ class Coordinator:
         for fed in self.config.federations:
             state = FederationState(self.config.state_dir, fed)
             self.federations[fed.id] = state
+            self.publications[fed.id] = Publication(state)
             self._changed[fed.id] = asyncio.Event()
-        self.close_due()  # before serving: a federation killed mid-aggregation resumes first
+        self.close_due()  # before serving: a federation killed mid-aggregation (CLOSING) resumes first
         options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
+            *MESSAGE_LIMITS,
             ("grpc.so_reuseport", 0),  # a second coordinator on a taken port must fail, not share its traffic
         ]
         self._server = grpc.aio.server(options=options)
@@ -106,7 +120,7 @@ class Coordinator:
             self._ticker.cancel()
         if self._server:
             await self._server.stop(grace)
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*self._aggregating.values(), return_exceptions=True)
         if self._lock:
             self._lock.close()  # releases the flock
             self._lock = None
@@ -125,45 +139,47 @@ class Coordinator:
             pass
 
     def close_due(self) -> None:
-        """Start concluding every federation that is due: all sites committed, or its deadline passed."""
+        """Close every round that is due (all sites uploaded, or its deadline passed), and aggregate every CLOSING one."""
         for fed in self.federations.values():
-            due = fed.due(time.time())
-            if due is not None:
-                task = asyncio.create_task(self._conclude(fed, due))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+            try:
+                if fed.advance(time.time()):
+                    # The operator's log names the sites; what sites read (Status, refusals) counts them only.
+                    log.info("federation %s %s: %s (committed: %s)", fed.config.id, fed.state, fed.message(), ", ".join(sorted(fed.commits)) or "none")
+                    self._changed_phase(fed)
+            except OSError:
+                log.exception("federation %s: cannot write its phase; fix the state directory", fed.config.id)
+                continue
+            if fed.progress.phase is Phase.CLOSING and fed.config.id not in self._aggregating:
+                task = asyncio.create_task(self._aggregate(fed))
+                self._aggregating[fed.config.id] = task
+                task.add_done_callback(lambda _, id=fed.config.id: self._aggregating.pop(id))
+
+    def _changed_phase(self, fed: FederationState) -> None:
+        changed, self._changed[fed.config.id] = self._changed[fed.config.id], asyncio.Event()
+        changed.set()
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK)
             self.close_due()
 
-    async def _conclude(self, fed: FederationState, due: list[str] | str) -> None:
-        """Close the round with the committed sites (a list), or fail the federation (a message)."""
+    async def _aggregate(self, fed: FederationState) -> None:
+        """Aggregate a CLOSING round: DONE, CURVES (method auto's first round), or FAILED with why."""
         try:
-            if isinstance(due, str):
-                log.info("federation %s: %s; committed: %s", fed.config.id, due, ", ".join(sorted(fed.commits)) or "none")
-                await asyncio.to_thread(fed.fail, due)
-            else:
-                # The operator's log names the sites; what sites read (Status, refusals) counts them only.
-                log.info("federation %s: %s (%s)", fed.config.id, fed.message(), ", ".join(due))
-                try:
-                    await asyncio.to_thread(fed.aggregate, due)
-                except Exception as e:  # whatever stops the aggregation is the federation's outcome
-                    log.exception("federation %s: aggregation failed", fed.config.id)
-                    await asyncio.to_thread(fed.fail, f"aggregation failed: {e}")
+            try:
+                await asyncio.to_thread(fed.aggregate)
+            except Exception as e:  # whatever stops the aggregation is the federation's outcome
+                log.exception("federation %s: aggregation failed", fed.config.id)
+                await asyncio.to_thread(fed.fail, f"aggregation failed: {e}")
         except OSError:
             log.exception("federation %s: cannot write its result; fix the state directory and restart the coordinator", fed.config.id)
             return
         log.info("federation %s %s: %s", fed.config.id, fed.state, fed.message())
-        changed, self._changed[fed.config.id] = self._changed[fed.config.id], asyncio.Event()
-        changed.set()
-        if fed.state == "CURVES":
-            self.close_due()  # a coordinator restarted mid-round may already hold every site's curves
+        self._changed_phase(fed)
 
 
 def _call(method):
-    """Authenticate, run the handler, log one line per outcome; a Refused becomes the call's status."""
+    """Authenticate, run the handler, log one line per outcome; a Refused becomes the call's status code."""
 
     @functools.wraps(method)
     async def wrapper(self: "_Servicer", request, context):
@@ -172,8 +188,8 @@ def _call(method):
             fed = self.authenticate(request, context)
             response, outcome = await method(self, fed, request, context)
         except Refused as e:
-            log.warning("%s %s refused (%s): %s", method.__name__, who, e.code.name, e.message)
-            await context.abort(e.code, e.message)
+            log.warning("%s %s refused (%s): %s", method.__name__, who, CODES[e.reason].name, e.message)
+            await context.abort(CODES[e.reason], e.message)
         except Exception as e:
             log.exception("%s %s failed", method.__name__, who)
             await context.abort(grpc.StatusCode.INTERNAL, f"coordinator error ({type(e).__name__}: {e}); see the coordinator's log")
@@ -202,7 +218,7 @@ class _Servicer(pb_grpc.FederationServicer):
     @_call
     async def Join(self, fed: FederationState, request: pb.JoinRequest, context):
         if not request.HasField("manifest"):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the join request has no manifest")
+            raise Refused(Reason.INVALID, "the join request has no manifest")
         outcome = await asyncio.to_thread(fed.join, request.site_id, request.manifest)
         # Token hashes, quotas and the other sites' ids stay on the coordinator: a site learns only about itself.
         config = fed.config.model_dump(mode="json") | {"sites": [request.site_id]}
@@ -226,9 +242,13 @@ class _Servicer(pb_grpc.FederationServicer):
 
     @_call
     async def Status(self, fed: FederationState, request: pb.StatusRequest, context):
-        # Wait while nothing is asked of this site: OPEN, or CURVES once its curves are in.
-        if request.wait and (fed.state == "OPEN" or (fed.state == "CURVES" and request.site_id in fed.curves)):
-            await self.coordinator.wait_change(fed.config.id, min(max(request.timeout_seconds, 0.0), MAX_WAIT))
+        def idle() -> bool:  # nothing is asked of this site: OPEN, CLOSING, or CURVES once its curves are in
+            phase = fed.progress.phase
+            return phase in (Phase.OPEN, Phase.CLOSING) or (phase is Phase.CURVES and request.site_id in fed.curves)
+
+        end = time.monotonic() + min(max(request.timeout_seconds, 0.0), MAX_WAIT)
+        while request.wait and idle() and end > time.monotonic():
+            await self.coordinator.wait_change(fed.config.id, end - time.monotonic())
         result = fed.result or fed.bases or {}
         response = pb.StatusResponse(
             state=fed.state,
@@ -239,13 +259,14 @@ class _Servicer(pb_grpc.FederationServicer):
             message=fed.message(),
             basis_sha256=result.get("basis_sha256", ""),
             basis_size=result.get("basis_size", 0),
-            uploaded=request.site_id in (fed.curves if fed.bases else fed.commits),
+            uploaded=request.site_id in (fed.curves if fed.progress.round == 2 else fed.commits),
         )
         return response, fed.state
 
     @_call
     async def Publish(self, fed: FederationState, request: pb.PublishRequest, context):
-        return pb.PublishResponse(), await asyncio.to_thread(fed.publish, request.site_id, list(request.tasks))
+        publication = self.coordinator.publications[fed.config.id]
+        return pb.PublishResponse(), await asyncio.to_thread(publication.publish, request.site_id, list(request.tasks))
 
     @_call
     async def Report(self, fed: FederationState, request: pb.ReportRequest, context):
@@ -257,17 +278,18 @@ class _Servicer(pb_grpc.FederationServicer):
             fed = self.authenticate(request, context)
             file, _, size = fed.download()
             if not 0 <= request.offset <= size:
-                raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside the basis of {size} bytes; resume from 0 to {size}")
+                raise Refused(Reason.OUT_OF_RANGE, f"offset {request.offset} is outside the basis of {size} bytes; resume from 0 to {size}")
         except Refused as e:
-            log.warning("DownloadBasis %s refused (%s): %s", who, e.code.name, e.message)
-            await context.abort(e.code, e.message)
+            log.warning("DownloadBasis %s refused (%s): %s", who, CODES[e.reason].name, e.message)
+            await context.abort(CODES[e.reason], e.message)
         offset = request.offset
         try:
             while offset < size:
                 data, digest = await asyncio.to_thread(_read_chunk, file, offset)
                 yield pb.Chunk(offset=offset, data=data, sha256=digest)
                 offset += len(data)
-                await asyncio.to_thread(fed.count, request.site_id, sent=len(data))
+                fed.count(request.site_id, sent=len(data))  # in memory; saved once the download ends
+            await asyncio.to_thread(fed.save_traffic, request.site_id)
         except OSError as e:
             log.exception("DownloadBasis %s failed at byte %d", who, offset)
             await context.abort(grpc.StatusCode.INTERNAL, f"coordinator cannot read the basis ({e}); see the coordinator's log")

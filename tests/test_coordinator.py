@@ -18,9 +18,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.certs import make_dev_certs
-from coordinator.config import MAX_CHUNK, CoordinatorConfig, FederationConfig, TLSConfig, token_hash
+from coordinator.config import CoordinatorConfig, FederationConfig, TLSConfig, token_hash
 from coordinator.server import Coordinator
 from protos.rmm.v1 import federation_pb2 as pb, federation_pb2_grpc as pb_grpc
+from protos.rmm.v1.wire import MAX_CHUNK
 from rmm.adapter import open_adapter
 from rmm.bundle import MergeOptions
 from rmm.errors import RMMError
@@ -66,7 +67,7 @@ def world(adapters, tmp_path_factory):
 
 
 def federation(world, fed_id="fed", sites="abc", **overrides) -> FederationConfig:
-    fields = dict(id=fed_id, base_model=world.base_model, modules=world.specs, basis_size=2, upload_kinds=ALL_KINDS)
+    fields = dict(id=fed_id, base_model=world.base_model, modules=world.specs, merge=MergeOptions(basis_size=2), upload_kinds=ALL_KINDS)
     return FederationConfig(**(fields | overrides), sites={s: {"token_sha256": token_hash(f"token-{s}")} for s in sites})
 
 
@@ -277,6 +278,7 @@ def test_tls_and_mutual_tls(world, tmp_path):
 def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
     config = coordinator_config(tmp_path / "state", federation(world))
     c = world.sites["c"]
+    fed_dir = tmp_path / "state" / "fed"
 
     async def main():
         async with serving(config) as (stub, _, _):
@@ -300,8 +302,10 @@ def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
             assert "a" not in waiting_c.message.split() and "b" not in waiting_c.message.split()
             await join_and_commit(stub, world, "c")
             done = await status(stub, "c", wait=30)
-        # A coordinator killed mid-aggregation (all committed, no result) aggregates on start.
-        shutil.rmtree(tmp_path / "state" / "fed" / "result")
+        # A coordinator killed mid-aggregation (phase CLOSING, no result yet) aggregates on start.
+        shutil.rmtree(fed_dir / "result")
+        phase = json.loads((fed_dir / "phase.json").read_text())
+        (fed_dir / "phase.json").write_text(json.dumps(phase | {"phase": "CLOSING", "message": "aggregating 3 sites", "finished": None}))
         async with serving(config) as (stub, _, _):
             again = await status(stub, "a", wait=30)
         return done, again
@@ -314,6 +318,9 @@ def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
     changed = coordinator_config(tmp_path / "state", federation(world, min_sites=2))
     with pytest.raises(RMMError, match="min_sites: 1 then, 2 now"):
         asyncio.run(Coordinator(changed).start())
+    (fed_dir / "phase.json").unlink()  # the state directory of a coordinator before phase.json
+    with pytest.raises(RMMError, match="older coordinator"):
+        asyncio.run(Coordinator(config).start())
 
 
 def test_deadline_closes_with_or_without_quorum(world, tmp_path):
@@ -409,7 +416,7 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
     """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
     a coordinator restart between the two sites' curves. The config leaves the budget at its default, as `rmm merge` does."""
     shards, spectra, manifests = two_sites.shards, two_sites.spectra, two_sites.manifests
-    fed = federation(world, sites="ab", method="auto", basis_size=None, upload_kinds=None)
+    fed = federation(world, sites="ab", merge=MergeOptions(), upload_kinds=None)
     config = coordinator_config(tmp_path / "state", fed)
     commit = commit_file
 
@@ -454,7 +461,7 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
 
 def test_auto_fails_at_the_deadline_of_its_second_round(world, two_sites, tmp_path):
     """A site that sent its spectra but never its curves: the federation fails (the log names it, sites see a count)."""
-    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.5, upload_kinds=None, deadline_seconds=8, min_sites=2)
+    fed = federation(world, sites="ab", merge=MergeOptions(storage_ratio=0.5), upload_kinds=None, deadline_seconds=8, min_sites=2)
     config = coordinator_config(tmp_path / "state", fed)
 
     async def main():
@@ -534,7 +541,7 @@ def test_each_site_learns_only_about_itself_within_its_quotas(world, tmp_path):
 def test_acknowledged_curves_chunks_survive_a_restart(world, two_sites, tmp_path):
     """Method auto: curves chunks acknowledged before a restart are still held after it; the commit
     needs no re-upload."""
-    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    fed = federation(world, sites="ab", merge=MergeOptions(storage_ratio=0.6), upload_kinds=None)
     config = coordinator_config(tmp_path / "state", fed)
 
     async def main():
@@ -560,7 +567,7 @@ def test_lora_numbers_are_checked_not_trusted(world, two_sites, tmp_path):
     """A site cannot set the federation's budget: lora_numbers outside what its modules and task count
     allow is refused at Join; under method auto, any value other than what its spectra's ranks give is
     refused at commit."""
-    fed = federation(world, sites="ab", method="auto", basis_size=None, storage_ratio=0.6, upload_kinds=None)
+    fed = federation(world, sites="ab", merge=MergeOptions(storage_ratio=0.6), upload_kinds=None)
     manifest = two_sites.manifests["a"]
     true = manifest.lora_numbers
 

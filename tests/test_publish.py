@@ -54,7 +54,7 @@ def _refused(call, code: Code) -> None:
 def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads, tmp_path):
     adapters = [open_adapter(p) for p in heads]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2,
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2),
         sites={s: Site(token_sha256=token_hash(f"token-{s}")) for s in "ab"},
     )
     coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
@@ -69,7 +69,7 @@ def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads,
             clients[s].commit([pb.Part.FromString(part)])
         assert clients["a"].wait(60).state == "DONE"
         for s, shard in shards.items():
-            shard.finish({"basis_size": 2}, str(tmp_path / s))
+            shard.finish(MergeOptions(basis_size=2), str(tmp_path / s))
         assert sorted(p.name for p in result.iterdir()) == ["basis.safetensors", "result.json"]  # nothing unless published
 
         tasks, sent = shards["a"].publish(str(tmp_path / "a"))
