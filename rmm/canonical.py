@@ -28,3 +28,8 @@ def canonicalize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
         B_c = torch.nn.functional.pad(B_c, (0, r - k))
         A_c = torch.nn.functional.pad(A_c, (0, 0, 0, r - k))
     return B_c, A_c
+
+
+def singular_values(B: torch.Tensor) -> torch.Tensor:
+    """(T, r): the singular values of each dW_t, from its canonical B = U sqrt(S)."""
+    return (B * B).sum(-2)

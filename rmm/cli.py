@@ -196,7 +196,7 @@ def _print_summary(summary: dict) -> None:
     console.print(
         f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, method {summary['options']['method']}: "
         + ", ".join(f"{n} {kind}" for kind, n in summary["allocation"].items() if n)
-        + (f" (p = {summary['p']})" if summary["allocation"]["shared"] else "") + "\n"
+        + (f" (p = {summary['p']})" if summary["p"] != [] else "") + "\n"
         f"storage: {s['ratio_counted']:.4f} of the originals (formula {s['ratio_formula']:.4f}; "
         f"{s['bytes_on_disk']:,} bytes on disk, {s['ratio_bytes_on_disk']:.4f} of {s['bytes_original']:,}; {s['dtype']})\n"
         f"relative dW error: {measured}",

@@ -87,3 +87,59 @@ def storage_numbers(positions: int, rank: int, tasks: int, p: int) -> int:
 def storage_ratio(rank: int, tasks: int, p: int) -> float:
     """DESIGN's formula `(p (r + T) + r) / (r T)`, relative to keeping all T adapters' factors."""
     return (p * (rank + tasks) + rank) / (rank * tasks)
+
+
+# --- exact and sketched summaries of one factor's positions, as a site uploads them (`rmm.payload`) ---------
+#
+# `moments`: s1 (P, r) and the upper triangle of s2 (P, r (r + 1) / 2); `sketch`: the site's mean (P, r) and
+# qs (P, r, q), its centred scatter's top-q eigenvectors times the roots of their eigenvalues; `factors`: the
+# vectors x (n, P, r) themselves. Each decodes to the same additive `Moments`.
+
+
+def encode(X: torch.Tensor, kind: str, q: int | None) -> list[tuple[str, torch.Tensor]]:
+    """(suffix, tensor) of the summary `kind` of X (n, P, r)."""
+    if kind == "factors":
+        return [("x", X)]
+    if kind == "moments":
+        m = Moments.of(X)
+        rows, cols = torch.triu_indices(X.shape[-1], X.shape[-1])
+        return [("s1", m.s1), ("s2", m.s2[:, rows, cols])]
+    mean = X.to(torch.float64).mean(0)
+    centred = (X.to(torch.float64) - mean).transpose(0, 1)  # (P, n, r)
+    evals, evecs = torch.linalg.eigh(centred.mT @ centred)  # ascending
+    k = sketch_rank(q, X.shape[-1], X.shape[0])
+    top = evals[..., evals.shape[-1] - k :].clamp_min(0).sqrt()
+    return [("mean", mean), ("qs", evecs[..., evecs.shape[-1] - k :] * top.unsqueeze(-2))]
+
+
+def summary_specs(P: int, r: int, n: int, kind: str, q: int | None) -> dict:
+    """suffix -> (dtype, shape) of one factor's `moments` or `sketch` for n tasks at P positions of rank r."""
+    if kind == "moments":
+        return {"s1": (torch.float64, (P, r)), "s2": (torch.float64, (P, r * (r + 1) // 2))}
+    return {"mean": (torch.float64, (P, r)), "qs": (torch.float64, (P, r, sketch_rank(q, r, n)))}
+
+
+def smallest_exact(n: int, r: int) -> tuple[str, int | None]:
+    """The exact per-position summary with the fewest numbers for n tasks of rank r: a full-rank
+    sketch (r n per position) below (r + 3) / 2 tasks, else the moments (r (r + 3) / 2)."""
+    return ("sketch", max(1, n - 1)) if n * r < r * (r + 3) // 2 else ("moments", None)
+
+
+def sketch_rank(q: int, r: int, n: int) -> int:
+    """n centred vectors span at most n - 1 directions: more columns would only carry zeros."""
+    return min(q, r, n - 1)
+
+
+def decode(kind: str, n: int, r: int, get) -> Moments:
+    """The moments of n tasks from their summary `kind`; `get(suffix)` reads its tensors as float64."""
+    if kind == "factors":
+        return Moments.of(get("x"))
+    if kind == "moments":
+        packed = get("s2")
+        rows, cols = torch.triu_indices(r, r)
+        s2 = torch.zeros(packed.shape[0], r, r, dtype=torch.float64)
+        s2[:, rows, cols] = packed
+        s2[:, cols, rows] = packed
+        return Moments(n, get("s1"), s2)
+    mean, qs = get("mean"), get("qs")
+    return Moments(n, n * mean, qs @ qs.mT + n * mean[:, :, None] * mean[:, None, :])

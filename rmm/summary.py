@@ -4,28 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmm.bundle import BASIS_FILE, ModuleEntry, bundle_files, checked_file, coefficients_file, read_manifest
-from rmm.allocate import joint_numbers
-from rmm.solver import storage_numbers
-
-
-def stored_numbers(mod: ModuleEntry, tasks: int) -> int:
-    """What a module of the bundle stores, by formula (`inspect` sets it beside the count on disk)."""
-    if mod.method == "shared":
-        return sum(storage_numbers(n, mod.rank, tasks, mod.p) for n in (mod.out_features, mod.in_features))
-    if mod.method == "truncate":
-        return sum(mod.ranks.values()) * (mod.out_features + mod.in_features)
-    return joint_numbers(*mod.size, mod.out_features, mod.in_features, tasks)
-
-
-def allocation(mod: ModuleEntry) -> str:
-    """How a module is stored, in a few characters: "p=2", "truncate 3-5", "joint 8x8"."""
-    if mod.method == "shared":
-        return f"p={mod.p}"
-    if mod.method == "truncate":
-        lo, hi = min(mod.ranks.values()), max(mod.ranks.values())
-        return f"truncate {lo}" if lo == hi else f"truncate {lo}-{hi}"
-    return f"joint {mod.size[0]}x{mod.size[1]}"
+from rmm.bundle import BASIS_FILE, bundle_files, checked_file, coefficients_file, read_manifest
+from rmm.storage import KINDS, kind
 
 
 def inspect_bundle(bundle: Path) -> dict:
@@ -34,17 +14,17 @@ def inspect_bundle(bundle: Path) -> dict:
     for file in bundle_files(m.tasks):
         checked_file(bundle, m, bundle / file)
     T = len(m.tasks)
-    formula = sum(stored_numbers(mod, T) for mod in m.modules)
+    formula = sum(kind(mod).stored_numbers(mod, T) for mod in m.modules)
     files = [bundle / BASIS_FILE] + [coefficients_file(bundle, t.name) for t in m.tasks]
     s = m.report.storage
-    ps = sorted({mod.p for mod in m.modules if mod.method == "shared"})
+    ps = sorted({p for mod in m.modules if (p := kind(mod).basis_size(mod)) is not None})
     return {
         "bundle": str(bundle),
         "tool_version": m.tool_version,
         "tasks_count": T,
         "modules_count": len(m.modules),
         "p": ps[0] if len(ps) == 1 else ps,
-        "allocation": {method: sum(mod.method == method for mod in m.modules) for method in ("shared", "truncate", "joint")},
+        "allocation": {name: sum(mod.method == name for mod in m.modules) for name in KINDS},
         "options": m.options.model_dump(),
         "storage": {
             "ratio_formula": formula / s.numbers_original,
@@ -66,7 +46,7 @@ def inspect_bundle(bundle: Path) -> dict:
                 "rank": mod.rank,
                 "p": mod.p,
                 "method": mod.method,
-                "stored": allocation(mod),
+                "stored": kind(mod).describe(mod),
                 "ranks": mod.ranks,
                 "size": mod.size,
                 # "shared": share of the spread around the mean kept per factor; else share of sum ||dW||^2

@@ -4,12 +4,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rmm.allocate import (
-    _joint, _paper, _truncate, allocate, curves, grams, joint_bases, joint_errors, minimum_ratio, position_bases, shared_errors, stacked_roots,
-    truncation_errors,
-)
+from rmm.allocate import allocate, curves, minimum_ratio
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
+from rmm.storage import KINDS
+from rmm.storage.joint import grams, joint_bases, joint_errors, stacked_roots
+from rmm.storage.shared import position_bases, shared_errors
+from rmm.storage.truncate import truncation_errors
 
 torch.set_num_threads(1)
 
@@ -57,12 +58,12 @@ def test_pooled_roots_give_the_same_bases_as_the_stacked_ones(shape):
 
 def _stored(m, c, T: int) -> int:
     """What a module's choice stores, counted from the tensors a bundle holds for it (README's table), not its `cost`."""
-    r = m.trunc.shape[1] - 1
+    r = m.rank
     if c.kind == "truncate":  # B (out, k_t) and A (in, k_t) per task
-        return sum(c.ranks) * (m.n_out + m.n_in)
+        return sum(c.setting) * (m.n_out + m.n_in)
     if c.kind == "joint":  # U (out, Ku), V (in, Kv) and a Ku x Kv core per task
-        return c.size[0] * m.n_out + c.size[1] * m.n_in + T * c.size[0] * c.size[1]
-    return (m.n_out + m.n_in) * (r + r * c.p + T * c.p)  # a mean (r) and a basis (r, p) per position, p per task
+        return c.setting[0] * m.n_out + c.setting[1] * m.n_in + T * c.setting[0] * c.setting[1]
+    return (m.n_out + m.n_in) * (r + r * c.setting + T * c.setting)  # a mean (r) and a basis (r, p) per position, p per task
 
 
 @settings(max_examples=25, deadline=None)
@@ -88,7 +89,7 @@ def test_the_plan_fits_the_budget_and_beats_the_plain_plans(seed, ratio):
     def objective(p):
         return sum((m.n_out + m.n_in) * sum(c.errors) for m, c in zip(modules, p))
 
-    for plain in ([_truncate(m, ratio) for m in modules], [_joint(m, ratio) for m in modules], _paper(modules, ratio * whole)):
+    for plain in (k.plain(modules, ratio * whole) for k in KINDS.values()):
         if sum(c.cost for c in plain) <= ratio * whole:
             assert objective(plan) <= objective(plain) + 1e-12
     if ratio == 1.0:

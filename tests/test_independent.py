@@ -60,20 +60,20 @@ def test_curves_are_the_dense_errors_of_svds_done_here(seed):
     S = torch.zeros(len(ranks), 6, dtype=torch.float64)
     S[:, :6] = torch.linalg.svdvals(dW)[:, :6]
     tail = torch.stack([(S[:, k:] ** 2).sum(-1) for k in range(7)], 1) / energy[:, None]
-    torch.testing.assert_close(c.trunc, tail, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(c.kinds["truncate"], tail, rtol=1e-7, atol=1e-10)
 
     U = torch.linalg.svd(torch.cat(list(dW), dim=1))[0]  # of sum_t dW_t dW_t^T
     V = torch.linalg.svd(torch.cat(list(dW.mT), dim=1))[0]  # of sum_t dW_t^T dW_t
-    assert c.joint.shape[1] > 3
-    for K in range(c.joint.shape[1]):
-        Uk, Vk = U[:, : min(K, c.sides[0])], V[:, : min(K, c.sides[1])]
+    assert c.kinds["joint"].errors.shape[1] > 3
+    for K in range(c.kinds["joint"].errors.shape[1]):
+        Uk, Vk = U[:, : min(K, c.kinds["joint"].sides[0])], V[:, : min(K, c.kinds["joint"].sides[1])]
         kept = ((Uk.T @ dW @ Vk) ** 2).sum((-2, -1))
-        torch.testing.assert_close(c.joint[:, K], 1 - kept / energy, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(c.kinds["joint"].errors[:, K], 1 - kept / energy, rtol=1e-7, atol=1e-9)
 
-    assert c.shared.shape[1] == 3  # p = 0, 1, 2: the cap (42 - 6) // (6 + 8)
-    for p in range(c.shared.shape[1]):
+    assert c.kinds["shared"].shape[1] == 3  # p = 0, 1, 2: the cap (42 - 6) // (6 + 8)
+    for p in range(c.kinds["shared"].shape[1]):
         rebuilt = _best_fit(B, p) @ _best_fit(A.mT, p).mT
-        torch.testing.assert_close(c.shared[:, p], ((rebuilt - dW) ** 2).sum((-2, -1)) / energy, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(c.kinds["shared"][:, p], ((rebuilt - dW) ** 2).sum((-2, -1)) / energy, rtol=1e-7, atol=1e-9)
 
 
 # Pattern keys at, and short of, a dot boundary. PEFT's own layers say which apply: "proj", "_proj" and

@@ -128,7 +128,7 @@ def _stored_as(summary: dict) -> str:
     a = summary["allocation"]
     if summary["options"]["method"] == "rmm-paper":
         return f"p={summary['p']}"
-    return f"{a['truncate']}t {a['joint']}j" + (f" {a['shared']}s" if a["shared"] else "")
+    return " ".join(f"{n}{kind[0]}" for kind, n in a.items() if n)
 
 
 def _slug(label: str) -> str:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmm.adapter import LoraAdapter, write_adapter
-from rmm.allocate import joint_bases, joint_numbers, plain_rank, stacked_roots
 from rmm.baselines import SUMMARY_FILE, register
 from rmm.bundle import MergeOptions
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.merge import merge, module_specs, revert, stack_factors
+from rmm.merge import merge, revert
 from rmm.metrics import relative_error
+from rmm.plan import module_specs, stack_factors
+from rmm.storage.joint import joint_bases, joint_numbers, stacked_roots
+from rmm.storage.truncate import plain_rank
 
 BUNDLE_DIR = "bundle"
 

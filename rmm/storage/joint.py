@@ -1,0 +1,181 @@
+"""Storage kind "joint": U (out x Ku) and V (in x Kv) shared by all tasks plus a Ku x Kv core per task.
+
+Basis "<module>.U" (out, Ku), "<module>.V" (in, Kv); coefficients "<module>.M" (Ku, Kv); dW_t ~= U M_t V^T.
+U and V are the top singular vectors of the tasks' stacked dW column and row spaces (from the canonical
+factors, never out x in); M_t = U^T dW_t V, so task t's relative squared error at size K is the orthogonal
+projection's 1 - ||U_K^T dW_t V_K||^2 / ||dW_t||^2. K out + K in + T K^2 numbers (each side capped at what it
+can hold). In a federation each site sends Gram roots of its tasks (`grams`), whose side-by-side SVD gives the
+same U and V.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from rmm.canonical import singular_values
+from rmm.storage.base import Choice, Curves, StorageKind
+
+SIDES = ("U", "V")  # basis on the out side, on the in side
+ROOTS = ("W_out", "W_in")  # a site's Gram roots of each side, in its spectra
+
+
+class JointCurve(NamedTuple):
+    errors: torch.Tensor  # (T, K + 1): error of sharing K directions, K = 0..max(Ku, Kv)
+    sides: tuple[int, int]  # how many directions each side can hold: (Ku, Kv)
+
+
+def joint_numbers(ku, kv, n_out: int, n_in: int, tasks: int):
+    """Numbers a jointly shared module stores: U (out x Ku), V (in x Kv) and a Ku x Kv core per task."""
+    return ku * n_out + kv * n_in + tasks * ku * kv
+
+
+def stacked_roots(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square roots of sum_t dW_t dW_t^T and sum_t dW_t^T dW_t from canonical factors (T, out, r),
+    (T, r, in): [U_1 S_1, .., U_T S_T] (out, T r) and [V_1 S_1, .., V_T S_T] (in, T r).
+
+    Roots of groups of tasks set side by side are a root of the whole set's sums. Nothing out x in
+    is formed.
+    """
+    root = singular_values(B).sqrt().unsqueeze(-2)  # B root = U_t S_t
+    return torch.cat(list(B * root), dim=1), torch.cat(list(A * root.mT), dim=0).mT
+
+
+def grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same roots, pooled: W (side, q) with W W^T unchanged, q = min(side, T r), no column
+    belonging to one task. What a federation's site sends."""
+    return tuple(_thin(X) for X in stacked_roots(B, A))
+
+
+def _thin(X: torch.Tensor) -> torch.Tensor:
+    """U S of X's thin SVD: the same X X^T in at most min(X.shape) columns."""
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return U * S
+
+
+def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared bases U (out, Ku) and V (in, Kv), best first, at most `cap` columns, from Gram roots of
+    groups of tasks (`grams`): the top left singular vectors of the roots side by side, each column
+    signed so that its largest entry is positive. Ku = min(cap, out, T r) however the tasks are grouped."""
+    bases = []
+    for roots in (out_roots, in_roots):
+        U = torch.linalg.svd(torch.cat(roots, dim=1), full_matrices=False)[0][:, :cap]
+        sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+        bases.append(U * torch.where(sign == 0, torch.ones_like(sign), sign))
+    return bases[0], bases[1]
+
+
+def joint_cap(n_out: int, n_in: int, ranks: list[int]) -> int:
+    """The largest K worth sharing: beyond it a joint module stores more than every task kept whole."""
+    whole = sum(ranks) * (n_out + n_in)
+    K = 0
+    while K < max(n_out, n_in) and joint_numbers(min(K + 1, n_out), min(K + 1, n_in), n_out, n_in, len(ranks)) <= whole:
+        K += 1
+    return K
+
+
+def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """(T, K + 1): each task's relative squared dW error when sharing the top K of U and V, K = 0..max."""
+    S = singular_values(B)
+    energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)
+    M = (U.mT @ B) @ (A @ V)  # (T, Ku, Kv); a smaller K keeps its top-left block
+    ku, kv = U.shape[1], V.shape[1]
+    block = torch.zeros(B.shape[0], ku + 1, kv + 1, dtype=M.dtype)
+    block[:, 1:, 1:] = (M * M).cumsum(-1).cumsum(-2)  # block[:, i, j]: energy of the top-left i x j block
+    ks = torch.arange(max(ku, kv) + 1)
+    kept = block[:, ks.clamp(max=ku), ks.clamp(max=kv)]  # (T, K + 1)
+    return (1 - kept / energy[:, None]).clamp_min(0)
+
+
+class Joint(StorageKind):
+    name = "joint"
+    canonical = True
+
+    def basis_specs(self, mod, dtype):
+        return {"U": (dtype, (mod.out_features, mod.size[0])), "V": (dtype, (mod.in_features, mod.size[1]))}
+
+    def coef_specs(self, mod, dtype, task):
+        return {"M": (dtype, tuple(mod.size))}
+
+    def stored_numbers(self, mod, tasks):
+        return joint_numbers(*mod.size, mod.out_features, mod.in_features, tasks)
+
+    def describe(self, mod):
+        return f"joint {mod.size[0]}x{mod.size[1]}"
+
+    def fit(self, mod, adapters, raw, factors, dtype, given):
+        B, A = factors
+        if given is None:
+            cols, rows = stacked_roots(B, A)
+            U, V = joint_bases([cols], [rows], max(mod.size))
+        else:
+            U, V = given["U"], given["V"]
+        shared = {"U": U[:, : mod.size[0]].to(dtype), "V": V[:, : mod.size[1]].to(dtype)}
+        U, V = shared["U"].double(), shared["V"].double()
+        M = (U.mT @ B) @ (A @ V)  # the best cores for the bases as stored
+        return shared, [{"M": M[t].to(dtype)} for t in range(len(adapters))], None
+
+    def rebuild(self, mod, x):
+        return x["U"] @ x["M"], x["V"].mT
+
+    def curve(self, raw, canonical, ranks):
+        B, A = canonical
+        cols, rows = stacked_roots(B, A)
+        U, V = joint_bases([cols], [rows], joint_cap(B.shape[1], A.shape[2], ranks))
+        return JointCurve(joint_errors(B, A, U, V), (U.shape[1], V.shape[1]))
+
+    def _choice(self, c: Curves, K: int) -> Choice:
+        curve = c.kinds[self.name]
+        cost = int(self._cost(c, torch.tensor(K)))
+        return Choice(self.name, (min(K, curve.sides[0]), min(K, curve.sides[1])), cost, curve.errors[:, K].tolist())
+
+    def _cost(self, c: Curves, K: torch.Tensor) -> torch.Tensor:
+        ku, kv = c.kinds[self.name].sides
+        return joint_numbers(K.clamp(max=ku), K.clamp(max=kv), c.n_out, c.n_in, len(c.ranks))
+
+    def choose(self, c, price):
+        errors = c.kinds[self.name].errors
+        objective = (c.n_out + c.n_in) * errors.sum(0) + price * self._cost(c, torch.arange(errors.shape[1]))
+        K = int(objective.argmin())
+        return objective[K], self._choice(c, K)
+
+    def plain(self, modules, budget):
+        """The largest K whose numbers fit the storage ratio of each module's numbers."""
+        ratio = budget / sum(c.numbers for c in modules)
+        plan = []
+        for c in modules:
+            sizes = torch.arange(c.kinds[self.name].errors.shape[1])
+            fits = self._cost(c, sizes) <= ratio * sum(c.ranks) * (c.n_out + c.n_in)
+            plan.append(self._choice(c, int(sizes[fits].max()) if fits.any() else 0))
+        return plan
+
+    def planned(self, mod, choice, tasks):
+        return mod.model_copy(update={"method": self.name, "size": choice.setting})
+
+    def keeps_something_from(self, c):
+        """One direction shared by all tasks: U (out x 1), V (in x 1) and one number per task."""
+        return float(self._cost(c, torch.tensor(1))) / c.numbers
+
+    def spectra_specs(self, mod, n):
+        return {w: (torch.float64, (side, min(side, n * mod.rank))) for w, side in zip(ROOTS, (mod.out_features, mod.in_features))}
+
+    def spectra(self, mod, raw, canonical):
+        return {w: X.contiguous() for w, X in zip(ROOTS, grams(*canonical))}
+
+    def bases_specs(self, mod, ranks):
+        cap = joint_cap(mod.out_features, mod.in_features, ranks)
+        return {s: (torch.float64, (n, min(cap, n, len(ranks) * mod.rank))) for s, n in zip(SIDES, (mod.out_features, mod.in_features))}
+
+    def bases(self, mod, ranks, sites, specs):
+        U, V = joint_bases(*([read(w).double() for _, read in sites] for w in ROOTS), joint_cap(mod.out_features, mod.in_features, ranks))
+        return {"U": U.contiguous(), "V": V.contiguous()}
+
+    def curve_width(self, mod, bases):
+        return max(bases(s)[1] for s in SIDES) + 1
+
+    def site_curve(self, mod, raw, canonical, bases):
+        return joint_errors(*canonical, *(bases(s).double() for s in SIDES))
+
+    def federated_curve(self, S, rows, bases):
+        return JointCurve(rows, tuple(bases(s)[1] for s in SIDES))
