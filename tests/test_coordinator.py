@@ -298,6 +298,10 @@ def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
             ask = pb.MissingChunksRequest(federation_id="fed", site_id="c", sha256=part_c.chunks)
             assert list((await stub.MissingChunks(ask, metadata=auth("c"), timeout=10)).sha256) == part_c.chunks[-1:]
             waiting_c = await status(stub, "c")
+            # Traffic is saved at each stage's end: a's commit is one, c's unfinished upload not yet.
+            a_row = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+            assert a_row["sites"]["a"]["bytes_received"] == world.sites["a"].file.stat().st_size
+            assert not (site_c / "traffic.json").exists()
             assert waiting_c.committed_sites == [] and "2 of 3 sites committed" in waiting_c.message
             assert "a" not in waiting_c.message.split() and "b" not in waiting_c.message.split()
             await join_and_commit(stub, world, "c")
