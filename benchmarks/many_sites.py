@@ -179,7 +179,7 @@ def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int =
     adapters = open_adapters(dirs)
     port = free_port()
     federation = FederationConfig(
-        id=FEDERATION, base_model=adapters[0].base_model or "", modules=module_specs(adapters), storage_ratio=options.storage_ratio,
+        id=FEDERATION, base_model=adapters[0].base_model or "", modules=module_specs(adapters), merge=options,
         sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()}, min_sites=sites, deadline_seconds=timeout,
     )
     config = CoordinatorConfig(port=port, state_dir=work / "state", insecure=True, federations=[federation])

@@ -13,8 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rmm.bundle import MergeOptions, ModuleEntry
 from rmm.errors import RMMError
 
-MAX_CHUNK = 4 * 1024 * 1024  # bytes of one upload or download chunk
-MAX_MESSAGE = MAX_CHUNK + 64 * 1024  # gRPC message limit on both sides: a chunk plus its envelope
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -37,13 +35,9 @@ class FederationConfig(_Strict):
     id: str
     base_model: str  # every site's adapters must name this base_model_name_or_path
     modules: list[ModuleEntry]  # target modules with shapes and the largest rank allowed (p ignored)
-    # "auto" (the default, as `rmm merge`): the allocator, in two rounds of uploads (spectra, then
-    # curves); "rmm-paper": a per-position basis from moments / sketches / factors (implied by a
-    # basis_size or canonicalize).
-    method: Literal["auto", "rmm-paper"] | None = None
-    basis_size: int | None = None
-    storage_ratio: float | None = None
-    canonicalize: bool = False
+    # How to merge, as `rmm merge` reads it: method "auto" (the default) runs the allocator in two rounds of
+    # uploads (spectra, then curves); "rmm-paper" a per-position basis from moments / sketches / factors.
+    merge: MergeOptions = Field(default_factory=MergeOptions)
     sites: dict[str, Site]  # site id -> credentials; only these may join
     min_sites: int = 1  # quorum: the federation aggregates at the deadline if this many committed
     deadline_seconds: float = 3600.0  # from creation: aggregate with the quorum, or fail
@@ -64,13 +58,12 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
-        self.method = self.merge_options().method  # one of basis_size / storage_ratio, valid values
         paper = ["moments", "sketch", "factors"]
         if self.upload_kinds is None:
-            self.upload_kinds = ["spectra"] if self.method == "auto" else paper[:2]
-        allowed = ["spectra"] if self.method == "auto" else paper
+            self.upload_kinds = ["spectra"] if self.merge.method == "auto" else paper[:2]
+        allowed = ["spectra"] if self.merge.method == "auto" else paper
         if not self.upload_kinds or any(k not in allowed for k in self.upload_kinds):
-            raise ValueError(f"method {self.method} takes upload_kinds among {allowed}, got {self.upload_kinds}")
+            raise ValueError(f"method {self.merge.method} takes upload_kinds among {allowed}, got {self.upload_kinds}")
         for site in self.sites:
             if not _ID.match(site):
                 raise ValueError(f"site id {site!r}: letters, digits, '.', '_' or '-', at most 64")
@@ -82,9 +75,6 @@ class FederationConfig(_Strict):
         if not self.modules:
             raise ValueError("modules must list at least one module")
         return self
-
-    def merge_options(self) -> MergeOptions:
-        return MergeOptions(method=self.method, basis_size=self.basis_size, storage_ratio=self.storage_ratio, canonicalize=self.canonicalize)
 
 
 class TLSConfig(_Strict):

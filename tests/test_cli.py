@@ -1,6 +1,10 @@
 """The `rmm` command end to end, in process."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +106,42 @@ def test_default_merge_shows_its_allocation(adapters, tmp_path, capsys):
     assert main(["inspect", str(bundle)]) == 0
     shown = capsys.readouterr().err
     assert "method auto" in shown and "stored as" in shown
+
+
+def test_a_site_loads_nothing_of_the_coordinator(tmp_path):
+    """`import workers.cli`, then `rmm site run` up to joining Ray, in a fresh interpreter: the only coordinator
+    module loaded is its verb registration (every `rmm` verb loads the entry points), never its server, state
+    or config."""
+    with socket.socket() as s:  # a port where nothing listens: the site stops at joining Ray, after all its imports
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    site_run = ["site", "run", "--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "a", "--insecure",
+                "--canonicalize", "--adapters", "x", "--out", str(tmp_path / "out"), "--ray-address", dead]
+    script = f"""
+import json, sys
+coordinator = lambda: sorted(m for m in sys.modules if m.partition(".")[0] == "coordinator")
+import workers.cli
+imported = coordinator()
+from rmm.cli import main
+code = main({site_run!r})
+print(json.dumps({{"imported": imported, "code": code, "site_run": coordinator()}}))
+"""
+    env = {**os.environ, "RMM_SITE_TOKEN": "t"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert f"cannot join the Ray cluster at {dead}" in run.stderr  # the site's code path ran as far as Ray
+    assert got == {"imported": [], "code": 2, "site_run": ["coordinator", "coordinator.cli"]}
+
+
+def test_site_run_refuses_canonicalize_under_method_auto_as_merge_does(tmp_path, capsys, monkeypatch):
+    """One rule for what implies what: --canonicalize implies rmm-paper, and contradicts an explicit --method auto."""
+    site = ["--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "a", "--insecure", "--adapters", "x",
+            "--out", str(tmp_path), "--retry-seconds", "1", "--ray-address", "127.0.0.1:1"]
+    assert main(["merge", "x", "--out", str(tmp_path / "b"), "--method", "auto", "--canonicalize"]) == 2
+    merge_error = capsys.readouterr().err
+    monkeypatch.setenv("RMM_SITE_TOKEN", "t")
+    assert main(["site", "run", *site, "--method", "auto", "--canonicalize"]) == 2
+    site_error = capsys.readouterr().err
+    assert "canonicalize apply to method rmm-paper" in merge_error
+    assert site_error == merge_error

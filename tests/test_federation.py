@@ -19,12 +19,14 @@ from conftest import make_adapter
 from coordinator.certs import make_dev_certs
 from coordinator.config import CoordinatorConfig, FederationConfig, Site, load_config, token_hash
 from protos.rmm.v1 import federation_pb2 as pb
+from protos.rmm.v1.wire import Retry
 from rmm.adapter import delta_weight, open_adapter
 from rmm.bundle import MergeOptions, read_manifest
 from rmm.errors import RMMError
-from rmm.merge import merge, module_specs, numbers_original, plan_modules, revert
+from rmm.merge import merge, revert
 from rmm.payload import write_payload
-from workers.client import Credentials, FederationClient, Retry
+from rmm.plan import module_specs, numbers_original, plan_modules
+from workers.client import Credentials, FederationClient
 from workers.simulate import BackgroundCoordinator, simulate
 from workers.site import run_site
 
@@ -109,7 +111,7 @@ def test_coordinator_and_two_sites_in_their_own_processes_over_mtls(ray_cluster,
     port = _free_port()
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=3, canonicalize=True,
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=OPTIONS,
         sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()}, min_sites=2, deadline_seconds=300,
     )
     config = {
@@ -148,7 +150,7 @@ def test_upload_resumes_after_a_dropped_connection_and_a_coordinator_restart(sev
     """Chunks acknowledged before the drop are not sent again, even to a restarted coordinator."""
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2,
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2),
         sites={"a": Site(token_sha256=token_hash("t"))}, upload_kinds=["factors"],
     )
     config = CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
@@ -190,7 +192,8 @@ def test_upload_resumes_after_a_dropped_connection_and_a_coordinator_restart(sev
 def test_unauthenticated_site_cannot_join(seven, tmp_path):
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2, sites={"a": Site(token_sha256=token_hash("t"))}
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2),
+        sites={"a": Site(token_sha256=token_hash("t"))},
     )
     coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
     try:
@@ -206,6 +209,33 @@ def test_unauthenticated_site_cannot_join(seven, tmp_path):
 def test_example_deploy_config_is_valid():
     config = load_config(Path(__file__).resolve().parents[1] / "deploy" / "federation.example.yaml")
     assert config.tls.client_ca and config.federations[0].min_sites == 2
+    assert config.federations[0].merge == MergeOptions(method="auto", storage_ratio=0.5)
+
+
+def test_a_federation_holds_its_merge_options_as_rmm_merge_reads_them(tmp_path):
+    """The merge options sit under `merge:`, with merge's rule: canonicalize implies rmm-paper (and its uploads),
+    and contradicts method auto; the same keys at the federation's top level are unknown."""
+    file = tmp_path / "fed.yaml"
+    module = "{name: q, out_features: 4, in_features: 4, rank: 2, p: 0}"
+
+    def load(merge: str):
+        sites = f"{{a: {{token_sha256: {'a' * 64}}}}}"
+        federation = f"{{id: f, base_model: m, modules: [{module}], sites: {sites}, {merge}}}"
+        file.write_text(f"insecure: true\nfederations: [{federation}]\n")
+        return load_config(file).federations[0]
+
+    fed = load("merge: {canonicalize: true}")
+    assert (fed.merge.method, fed.merge.canonicalize, fed.merge.storage_ratio) == ("rmm-paper", True, 0.5)
+    assert fed.upload_kinds == ["moments", "sketch"]
+    fed = load("merge: {basis_size: 3}")
+    assert (fed.merge.method, fed.merge.basis_size, fed.merge.storage_ratio) == ("rmm-paper", 3, None)
+    fed = load("min_sites: 1")
+    assert fed.merge == MergeOptions(method="auto", storage_ratio=0.5) and fed.upload_kinds == ["spectra"]
+    one_line = r"fed\.yaml: invalid config at federations\.0\.merge: .*canonicalize apply to method rmm-paper[^\n]*$"
+    with pytest.raises(RMMError, match=one_line):
+        load("merge: {method: auto, canonicalize: true}")
+    with pytest.raises(RMMError, match=r"at federations\.0\.storage_ratio: Extra inputs are not permitted"):
+        load("storage_ratio: 0.5")
 
 
 def test_config_errors_name_the_file_and_field(tmp_path):
@@ -221,7 +251,9 @@ def test_config_errors_name_the_file_and_field(tmp_path):
 def test_one_coordinator_per_state_directory_and_one_token_per_site(seven, tmp_path):
     adapters = [open_adapter(p) for p in seven]
     sites = {"a": Site(token_sha256=token_hash("t"))}
-    federation = FederationConfig(id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), basis_size=2, sites=sites)
+    federation = FederationConfig(
+        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2), sites=sites
+    )
     config = CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
     first = BackgroundCoordinator(config)
     try:
@@ -244,7 +276,8 @@ def test_site_restarted_with_other_actors_and_adapter_order_comes_back(ray_clust
     revert(tmp_path / "central" / "bundle", tmp_path / "central" / "reverted", progress=False)
     opened = [open_adapter(p) for p in adapters]
     federation = FederationConfig(
-        id="fed", base_model=opened[0].base_model, modules=module_specs(opened), storage_ratio=0.6, sites={"a": Site(token_sha256=token_hash("t"))},
+        id="fed", base_model=opened[0].base_model, modules=module_specs(opened), merge=options,
+        sites={"a": Site(token_sha256=token_hash("t"))},
     )
     coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
 

@@ -60,8 +60,8 @@ def served(adapters, tmp_path):
     )
     sites = {s: Site(token_sha256=token_hash(f"token-{s}")) for s in "ab"}
     feds = [
-        FederationConfig(id="open", base_model=manifest.base_model, modules=specs, basis_size=2, sites=sites),
-        FederationConfig(id="done", base_model=manifest.base_model, modules=specs, basis_size=2, sites={"a": sites["a"]}),
+        FederationConfig(id="open", base_model=manifest.base_model, modules=specs, merge={"basis_size": 2}, sites=sites),
+        FederationConfig(id="done", base_model=manifest.base_model, modules=specs, merge={"basis_size": 2}, sites={"a": sites["a"]}),
     ]
     state = tmp_path / "state"
     errors = Errors()

@@ -25,7 +25,8 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from coordinator.config import MAX_CHUNK, FederationConfig, Site, token_hash
+from coordinator.config import FederationConfig, Site, token_hash
+from protos.rmm.v1.wire import MAX_CHUNK
 from rmm.adapter import open_adapters
 from rmm.bundle import MergeOptions
 from rmm.merge import merge, module_specs, revert
@@ -110,7 +111,7 @@ def test_sigkilled_coordinator_loses_no_site_and_no_acknowledged_chunk(ray_clust
     shards = {"a": wide_adapters[:2], "b": wide_adapters[2:]}
     opened = open_adapters(wide_adapters)
     federation = FederationConfig(
-        id="fed", base_model=opened[0].base_model or "", modules=module_specs(opened), storage_ratio=OPTIONS.storage_ratio,
+        id="fed", base_model=opened[0].base_model or "", modules=module_specs(opened), merge=OPTIONS,
         sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()}, min_sites=2, deadline_seconds=600,
     )
     port = _free_port()

@@ -84,10 +84,11 @@ def _add_upload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _site_run(args) -> int:
-    from workers.client import Credentials, Retry
-    from workers.simulate import ensure_ray
-    from workers.site import run_site
+    from protos.rmm.v1.wire import Retry
+    from workers.client import Credentials
+    from workers.site import ensure_ray, run_site
 
+    options = merge_options(args)  # first: as merge, --canonicalize implies rmm-paper and contradicts --method auto
     token = os.environ.get("RMM_SITE_TOKEN") or (args.token_file.read_text().strip() if args.token_file else None)
     if not token:
         raise RMMError("no site token: pass --token-file FILE or set RMM_SITE_TOKEN")
@@ -100,9 +101,8 @@ def _site_run(args) -> int:
         threads = args.threads or (1 if shared else max(1, (os.cpu_count() or 1) // (args.actors or 1)))
         report = run_site(
             args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
-            method=args.method or ("rmm-paper" if args.canonicalize else "auto"),
-            upload=args.upload, sketch_rank=args.sketch_rank, canonicalize=args.canonicalize,
-            allow_factors=args.allow_factors, actors=args.actors, actor_cpus=threads, retry=Retry(seconds=args.retry_seconds),
+            options=options, upload=args.upload, sketch_rank=args.sketch_rank, allow_factors=args.allow_factors,
+            actors=args.actors, actor_cpus=threads, retry=Retry(seconds=args.retry_seconds),
             publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
         )
     _emit({"sites": [report]}, args.json)

@@ -2,80 +2,27 @@
 
 Every call is idempotent (see protos/rmm/v1/federation.proto) and carries the site's bearer token
 and a deadline. A call the coordinator could not take (it is restarting or unreachable, the
-connection dropped) is repeated under `Retry`, the one bound on how long a site waits for it; gRPC's
-own retries cannot do this for uploads, as they buffer at most 256 KiB of a call. Uploads ask the coordinator which chunks it lacks
-first, so a dropped connection or a restarted coordinator never costs an acknowledged chunk twice;
-downloads resume from the bytes already on disk. Any other failure is an RMMError carrying the
-coordinator's message.
-"""
+connection dropped) is repeated under `Retry` (protos/rmm/v1/wire.py), the one bound on how long a
+site waits for it; gRPC's own retries cannot do this for uploads, as they buffer at most 256 KiB of
+a call. Uploads ask the coordinator which chunks it lacks first, so a dropped connection or a
+restarted coordinator never costs an acknowledged chunk twice; downloads resume from the bytes
+already on disk. Any other failure is an RMMError carrying the coordinator's message."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from coordinator.config import MAX_CHUNK, MAX_MESSAGE
 from protos.rmm.v1 import federation_pb2 as pb
 from protos.rmm.v1 import federation_pb2_grpc as pb_grpc
+from protos.rmm.v1.wire import MAX_CHUNK, MESSAGE_LIMITS, Retry
 from rmm.errors import RMMError
 from rmm.io import sha256_file
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How a site repeats a call the coordinator could not take: exponential backoff with jitter,
-    for at most `seconds` from the first failure (a restarting coordinator takes a few)."""
-
-    seconds: float = 120.0
-    first: float = 0.5  # the first wait; each next one doubles, up to `longest`
-    longest: float = 10.0
-
-    def run(self, what: str, attempt):
-        """attempt() until it succeeds, or fails otherwise than transiently, or the time is up."""
-        give_up, delay = None, self.first
-        while True:
-            try:
-                return attempt()
-            except grpc.RpcError as e:
-                now = time.monotonic()
-                give_up = give_up or now + self.seconds
-                if _handshake_failed(e):
-                    raise RMMError(
-                        f"{what} failed ({e.code().name}): TLS handshake with the coordinator failed ({e.details()}); "
-                        "check that --ca is the CA that signed the coordinator's certificate and the address is a name it holds"
-                    ) from None
-                if not transient(e) or now >= give_up:
-                    retried = f" (retried for {self.seconds:.0f} s)" if transient(e) else ""
-                    raise RMMError(f"{what} failed ({e.code().name}): {e.details()}{retried}") from None
-                pause = min(delay, give_up - now) * random.uniform(0.5, 1.0)
-                log.warning("%s: coordinator unavailable (%s); retrying in %.1f s", what, e.details(), pause)
-                time.sleep(pause)
-                delay = min(2 * delay, self.longest)
-
-
-def _handshake_failed(e: grpc.RpcError) -> bool:
-    """The site rejected the coordinator's certificate: a configuration error that no retry mends. (A coordinator
-    rejecting the site's certificate only closes the socket, which looks like a restart: that one is retried.)"""
-    return e.code() == grpc.StatusCode.UNAVAILABLE and "handshake failed" in (e.details() or "").lower()
-
-
-def transient(e: grpc.RpcError) -> bool:
-    """Whether the call failed because the coordinator went away (restart, dropped connection), not because it refused."""
-    if e.code() == grpc.StatusCode.UNAVAILABLE:
-        return True
-    # A connection reset mid-call can surface as UNKNOWN or INTERNAL; the coordinator's own errors never say this.
-    return e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(
-        words in (e.details() or "") for words in ("Stream removed", "Connection reset", "RST_STREAM", "Socket closed")
-    )
 
 
 @dataclass(frozen=True)
@@ -108,8 +55,7 @@ class FederationClient:
         self.address, self.federation_id, self.site_id = address, federation_id, site_id
         self.timeout, self.chunk_size, self.retry = timeout, chunk_size, retry
         options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            *MESSAGE_LIMITS,
             # Reconnect to a restarted coordinator within a second or two, not gRPC's default of up to two minutes.
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 2000),

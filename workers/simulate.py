@@ -8,10 +8,8 @@ own Ray actors, running concurrently. Nothing is mocked: the sites reach the coo
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +24,9 @@ from rmm.adapter import open_adapters
 from rmm.bundle import MergeOptions
 from rmm.errors import RMMError
 from rmm.io import check_output
-from rmm.merge import module_specs
+from rmm.plan import module_specs
 from workers.client import Credentials, FederationClient
-from workers.site import run_site
+from workers.site import ensure_ray, run_site
 
 FEDERATION = "simulation"
 
@@ -57,45 +55,6 @@ class BackgroundCoordinator:
     def _close_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-def ensure_ray(address: str | None = None) -> bool:
-    """Join the shared Ray cluster at `address` (else $RAY_ADDRESS), as one more driver of it, or start an
-    embedded local Ray sized for this machine; nothing if this process has one. True when it joined one.
-
-    Every embedded Ray starts its own GCS, raylet and agents: on a loaded host, many site processes
-    doing so at once can time out starting, hence the advice to share one.
-    """
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return bool(address)
-    quiet = {"log_to_driver": False, "configure_logging": False}
-    # ray.init raises bare Exceptions (e.g. "The current node timed out during startup"): the first line says why.
-    if address:
-        host, _, port = address.rpartition(":")
-        if host and port.isdigit() and "://" not in host:  # HOST:PORT (not auto, not ray://): Ray retries a dead one for minutes
-            try:
-                socket.create_connection((host, int(port)), timeout=10).close()
-            except OSError as e:
-                reason = e.strerror or e
-                raise RMMError(f"cannot join the Ray cluster at {address}: {reason}; is `ray start --head` running there?") from None
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as e:
-            raise RMMError(f"cannot join the Ray cluster at {address}: {_first_line(e)}") from None
-        return True
-    try:
-        ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=256 * 1024 * 1024, include_dashboard=False, **quiet)
-    except Exception as e:
-        raise RMMError(
-            f"could not start an embedded Ray ({_first_line(e)}); for many sites on one host, start one shared Ray "
-            "(`ray start --head --num-cpus N`) and give every site --ray-address auto"
-        ) from None
-    return False
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -145,10 +104,7 @@ def simulate(
         id=FEDERATION,
         base_model=adapters[0].base_model or "",
         modules=module_specs(adapters),
-        method=options.method,
-        basis_size=options.basis_size,
-        storage_ratio=options.storage_ratio if options.basis_size is None else None,
-        canonicalize=options.canonicalize,
+        merge=options,
         sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()},
         min_sites=len(names),
         upload_kinds=None if options.method == "auto" or upload == "auto" else [upload],
@@ -171,8 +127,7 @@ def simulate(
         name = names[i]
         return run_site(
             address, FEDERATION, name, credentials(name), shards[i], out / name,
-            method=options.method, upload=upload, sketch_rank=sketch_rank, canonicalize=options.canonicalize,
-            allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600,
+            options=options, upload=upload, sketch_rank=sketch_rank, allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600,
             publish_coefficients=publish_coefficients, on_stage=on_stage,
         )
 

@@ -13,6 +13,8 @@ One actor per GPU when there are GPUs, otherwise CPU slots; the code path is the
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -20,13 +22,15 @@ import ray
 import torch
 
 from protos.rmm.v1 import federation_pb2 as pb
+from protos.rmm.v1.wire import Retry
 from rmm import __version__
 from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.errors import RMMError
-from rmm.merge import merge, module_specs, numbers_original, revert
+from rmm.merge import merge, revert
 from rmm.payload import smallest_exact_numbers, write_curves, write_payload, write_spectra
-from workers.client import Credentials, FederationClient, Retry
+from rmm.plan import module_specs, numbers_original
+from workers.client import Credentials, FederationClient
 
 
 class SiteShard:
@@ -88,14 +92,14 @@ class SiteShard:
         part = self.client.upload(file, self.name)
         return part.SerializeToString(), self.client.traffic.bytes_sent - sent
 
-    def finish(self, options: dict, out_dir: str) -> dict:
+    def finish(self, options: MergeOptions, out_dir: str) -> dict:
         """Download the basis, fit this shard's coefficients, write its bundle and reverted adapters."""
         clock = time.perf_counter()
         basis = self.client.download(self.work / "basis.safetensors")
         download = time.perf_counter() - clock
         clock = time.perf_counter()
         bundle = Path(out_dir) / "bundles" / self.name
-        manifest = merge([a.path for a in self.adapters], bundle, MergeOptions(**options), basis=basis, progress=False, force=True)
+        manifest = merge([a.path for a in self.adapters], bundle, options, basis=basis, progress=False, force=True)
         revert(bundle, Path(out_dir) / "reverted", progress=False, force=True)  # a site run again replaces its own output
         return {
             "download_seconds": download,
@@ -126,10 +130,9 @@ def run_site(
     adapter_dirs: list[str | Path],
     out: str | Path,
     *,
-    method: str = "auto",
+    options: MergeOptions = MergeOptions(),
     upload: str = "auto",
     sketch_rank: int = 0,
-    canonicalize: bool = False,
     allow_factors: bool = False,
     actors: int | None = None,
     actor_cpus: float = 1.0,
@@ -140,10 +143,12 @@ def run_site(
 ) -> dict:
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors.
 
+    `options`: the method and canonicalisation the site expects (the coordinator refuses them unless they are
+    the federation's); the federation's config sets the budget.
     `retry`: how long every call keeps trying while the coordinator is unreachable (e.g. restarting).
     `actor_cpus`: the torch threads of each actor (actors reserve no CPU slot, so many sites can share a cluster).
     """
-    if method == "auto" and upload not in ("auto", "spectra"):
+    if options.method == "auto" and upload not in ("auto", "spectra"):
         raise RMMError(f"method auto uploads spectra (singular values and Gram roots); --upload {upload} is for method rmm-paper")
     if upload == "factors" and not allow_factors:
         raise RMMError("the 'factors' upload sends raw adapters to the coordinator; pass --allow-factors to opt in")
@@ -166,19 +171,20 @@ def run_site(
         manifests = _get([h.manifest.remote() for h in handles])
         # The coordinator refuses a site whose canonicalisation differs from the federation's:
         # mixing canonical and raw factors would misalign positions across sites.
-        if method == "auto":
+        if options.method == "auto":
             upload = "spectra"
         elif upload == "auto":
             upload, sketch_rank = _smallest_exact_upload(manifests)
-        config = client.join(_site_manifest(manifests, upload, sketch_rank, canonicalize))
+        config = client.join(_site_manifest(manifests, upload, sketch_rank, options.canonicalize))
+        federation = MergeOptions(**config["merge"])
         if site_id not in client.status().committed_sites:  # else: restarted after its commit, it only waits
             on_stage(site_id, "upload")
-            results = _get([h.upload.remote(config["modules"], upload, sketch_rank, config["canonicalize"]) for h in handles])
+            results = _get([h.upload.remote(config["modules"], upload, sketch_rank, federation.canonicalize) for h in handles])
             seconds["sketch_and_upload"] = time.perf_counter() - clock
             client.commit([pb.Part.FromString(part) for part, _ in results])
         on_stage(site_id, "wait")
         clock = time.perf_counter()
-        if config["method"] == "auto":  # a second round: every site's error curves against the joint bases
+        if federation.method == "auto":  # a second round: every site's error curves against the joint bases
             status = client.wait(wait_timeout, ("CURVES", "DONE", "FAILED"))
             if status.state not in ("CURVES", "DONE"):
                 raise RMMError(f"federation {federation_id} {status.state or 'did not open its second round'}: {status.message}")
@@ -192,8 +198,7 @@ def run_site(
         if status.state != "DONE":
             raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
         on_stage(site_id, "revert")
-        options = {"method": config["method"], "basis_size": config.get("basis_size"), "storage_ratio": config.get("storage_ratio"), "canonicalize": config["canonicalize"]}
-        finished = _get([h.finish.remote(options, str(out)) for h in handles])
+        finished = _get([h.finish.remote(federation, str(out)) for h in handles])
         if publish_coefficients:
             on_stage(site_id, "publish")
             uploads = _get([h.publish.remote(str(out)) for h in handles])
@@ -227,6 +232,45 @@ def run_site(
         "errors": {t: e for f in finished for t, e in f["errors"].items()},
         "reverted": str(out / "reverted"),
     }
+
+
+def ensure_ray(address: str | None = None) -> bool:
+    """Join the shared Ray cluster at `address` (else $RAY_ADDRESS), as one more driver of it, or start an
+    embedded local Ray sized for this machine; nothing if this process has one. True when it joined one.
+
+    Every embedded Ray starts its own GCS, raylet and agents: on a loaded host, many site processes
+    doing so at once can time out starting, hence the advice to share one.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return bool(address)
+    quiet = {"log_to_driver": False, "configure_logging": False}
+    # ray.init raises bare Exceptions (e.g. "The current node timed out during startup"): the first line says why.
+    if address:
+        host, _, port = address.rpartition(":")
+        if host and port.isdigit() and "://" not in host:  # HOST:PORT (not auto, not ray://): Ray retries a dead one for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as e:
+                reason = e.strerror or e
+                raise RMMError(f"cannot join the Ray cluster at {address}: {reason}; is `ray start --head` running there?") from None
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as e:
+            raise RMMError(f"cannot join the Ray cluster at {address}: {_first_line(e)}") from None
+        return True
+    try:
+        ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=256 * 1024 * 1024, include_dashboard=False, **quiet)
+    except Exception as e:
+        raise RMMError(
+            f"could not start an embedded Ray ({_first_line(e)}); for many sites on one host, start one shared Ray "
+            "(`ray start --head --num-cpus N`) and give every site --ray-address auto"
+        ) from None
+    return False
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _get(refs: list) -> list:
