@@ -7,7 +7,7 @@
       coefficients/<task>.safetensors  what each task keeps on its own, per module
       extras/<task>.safetensors      the task's non-LoRA tensors (modules_to_save), untouched
 
-A module is stored one of three ways (`ModuleEntry.method`):
+A module is stored one of three ways (`ModuleEntry.method`, a storage kind of `rmm.storage`):
   shared    per-position basis (the paper's RMM): basis "<module>.B.mean" (out, r), "<module>.B.basis"
             (out, r, p), same for A (in, ...); coefficients "<module>.B" (out, p), "<module>.A" (in, p)
   truncate  no sharing: coefficients "<module>.B" (out, k_t), "<module>.A" (in, k_t), k_t = ranks[task]
@@ -53,8 +53,9 @@ class _Strict(BaseModel):
 class MergeOptions(_Strict):
     """How to merge. The default: method "auto" at half the storage.
 
-    "auto" spends the storage budget per module on per-task rank truncation or joint sharing
-    (`rmm.allocate`); "rmm-paper" is the paper's per-position basis, sized by basis_size or
+    "auto" spends the storage budget per module on whichever storage kind (`rmm.storage`: per-task
+    rank truncation, joint sharing, per-position sharing) removes the most dW error (`rmm.allocate`);
+    "rmm-paper" is the paper's per-position basis on every module, sized by basis_size or
     storage_ratio, optionally on canonicalised factors. A basis size or canonicalize implies it.
     """
 

@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("merge", help="merge PEFT LoRA adapters into a basis bundle")
     p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT LoRA directories; task name = directory name")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE")
-    p.add_argument("--method", choices=["auto", "rmm-paper"], help="auto (default): per module, per-task rank truncation or joint "
-                   "sharing under one storage budget; rmm-paper: the paper's per-position basis (implied by --basis-size / --canonicalize)")
+    p.add_argument("--method", choices=["auto", "rmm-paper"], help="auto (default): per module, per-task rank truncation, joint "
+                   "or per-position sharing, whichever removes the most error under one storage budget; "
+                   "rmm-paper: the paper's per-position basis (implied by --basis-size / --canonicalize)")
     add_budget_args(p)
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -92,12 +93,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
-def merge_options(args) -> MergeOptions:
-    """The MergeOptions of a verb's flags, the one way every verb (merge, simulate, site run) reads them:
-    a flag the verb lacks or was not given keeps MergeOptions' default and its rule of what implies what."""
-    given = {name: getattr(args, name) for name in MergeOptions.model_fields if getattr(args, name, None) is not None}
+def merge_options(args, method: str | None = None) -> MergeOptions:
+    """The options of the command line; `method` when the verb has no --method of its own."""
     try:
-        return MergeOptions(**given)
+        return MergeOptions(method=getattr(args, "method", method), basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
     except ValidationError as e:
         raise RMMError(f"invalid options: {e.errors()[0]['msg']}") from None
 

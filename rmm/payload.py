@@ -1,7 +1,9 @@
 """What a site uploads to a federation, and how a coordinator turns uploads into a basis.
 
-A payload is a safetensors file (raw little-endian bytes with dtype and shape per tensor; no
-pickle) holding, per module and factor ("B": rows of lora_B, "A": columns of lora_A), one of:
+Every upload is a safetensors file (raw little-endian bytes with dtype and shape per tensor; no pickle).
+Method "auto" takes two rounds, `spectra` then `curves` (below, after `aggregate`). Under method
+"rmm-paper" a site sends one payload holding, per module and factor ("B": rows of lora_B, "A": columns
+of lora_A), one of (encoded by `rmm.solver.encode`):
 
 - `moments` (exact, additive): `s1` (P, r) and the upper triangle of `s2` (P, r(r+1)/2), float64;
   `r (r + 3) / 2` numbers per position whatever the site's task count.
@@ -109,7 +111,7 @@ def aggregate(payloads: list[Path], modules: list[ModuleEntry], file: Path, dtyp
 
 
 def smallest_exact_numbers(positions: int, rank: int, n: int) -> int:
-    """DESIGN's smallest exact upload: min(n r, r (r + 3) / 2) numbers per position."""
+    """The smallest exact upload of n tasks: min(n r, r (r + 3) / 2) numbers per position."""
     return positions * min(n * rank, rank * (rank + 3) // 2)
 
 

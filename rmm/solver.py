@@ -85,7 +85,7 @@ def storage_numbers(positions: int, rank: int, tasks: int, p: int) -> int:
 
 
 def storage_ratio(rank: int, tasks: int, p: int) -> float:
-    """DESIGN's formula `(p (r + T) + r) / (r T)`, relative to keeping all T adapters' factors."""
+    """The storage ratio `(p (r + T) + r) / (r T)`, relative to keeping all T adapters' factors."""
     return (p * (rank + tasks) + rank) / (rank * tasks)
 
 

@@ -49,7 +49,7 @@ def inspect_bundle(bundle: Path) -> dict:
                 "stored": kind(mod).describe(mod),
                 "ranks": mod.ranks,
                 "size": mod.size,
-                # "shared": share of the spread around the mean kept per factor; else share of sum ||dW||^2
+                # per-position sharing: share of the spread around the mean kept per factor; else share of sum ||dW||^2
                 "energy": m.report.energy[mod.name],
                 "max_error": max((e[mod.name] for e in m.report.errors.values() if mod.name in e), default=None),
             }

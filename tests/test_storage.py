@@ -1,0 +1,33 @@
+"""The storage kinds' registry against the manifest's schema, and each kind's number formula against its tensors."""
+
+import math
+from typing import get_args
+
+import pytest
+import torch
+
+from rmm.bundle import ModuleEntry
+from rmm.storage import KINDS, basis_specs, coef_specs
+
+TASKS = ["a", "b", "c"]
+
+
+def test_the_manifest_knows_every_registered_kind():
+    assert set(get_args(ModuleEntry.model_fields["method"].annotation)) == set(KINDS)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"method": "shared", "p": 2},
+        {"method": "shared", "p": 0},
+        {"method": "truncate", "ranks": {"a": 1, "b": 4, "c": 0}},
+        {"method": "joint", "size": (3, 5)},
+    ],
+)
+def test_stored_numbers_are_the_tensors_the_bundle_holds(entry):
+    """The formula `inspect` prints beside the count on disk, against the shapes merge writes."""
+    mod = ModuleEntry(name="m", out_features=7, in_features=11, rank=4, **({"p": 0} | entry))
+    held = sum(math.prod(shape) for _, shape in basis_specs([mod], torch.float32).values())
+    held += sum(math.prod(shape) for t in TASKS for _, shape in coef_specs([mod], torch.float32, t).values())
+    assert KINDS[mod.method].stored_numbers(mod, len(TASKS)) == held
