@@ -93,10 +93,12 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
-def merge_options(args, method: str | None = None) -> MergeOptions:
-    """The options of the command line; `method` when the verb has no --method of its own."""
+def merge_options(args) -> MergeOptions:
+    """The MergeOptions of a verb's flags, the one way every verb (merge, simulate, site run) reads them:
+    a flag the verb lacks or was not given keeps MergeOptions' default and its rule of what implies what."""
+    given = {name: getattr(args, name) for name in MergeOptions.model_fields if getattr(args, name, None) is not None}
     try:
-        return MergeOptions(method=getattr(args, "method", method), basis_size=args.basis_size, storage_ratio=args.storage_ratio, canonicalize=args.canonicalize)
+        return MergeOptions(**given)
     except ValidationError as e:
         raise RMMError(f"invalid options: {e.errors()[0]['msg']}") from None
 
