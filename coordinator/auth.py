@@ -13,7 +13,10 @@ from coordinator.state import Reason, Refused
 from rmm.errors import RMMError
 
 
-def authenticate(context: grpc.aio.ServicerContext, federation: FederationConfig | None, federation_id: str, site_id: str, *, mutual_tls: bool) -> None:
+def authenticate(
+    context: grpc.aio.ServicerContext, federation: FederationConfig | None, federation_id: str, site_id: str, *,
+    mutual_tls: bool,
+) -> None:
     """Refuse the call unless its token is the site's and, under mutual TLS, its certificate too."""
     if federation is None:
         raise Refused(Reason.NOT_FOUND, f"no federation {federation_id!r} on this coordinator; check the federation id")
@@ -24,14 +27,23 @@ def authenticate(context: grpc.aio.ServicerContext, federation: FederationConfig
     # Compare with every site, without stopping early, so timing does not tell which sites exist.
     matches = [site for site, cred in federation.sites.items() if hmac.compare_digest(digest, cred.token_sha256)]
     if not matches:
-        raise Refused(Reason.UNAUTHENTICATED, f"the token is not valid for any site of federation {federation_id}; check the site's token")
+        raise Refused(
+            Reason.UNAUTHENTICATED,
+            f"the token is not valid for any site of federation {federation_id}; check the site's token",
+        )
     if matches[0] != site_id:
-        raise Refused(Reason.DENIED, f"the token belongs to site {matches[0]}, not {site_id!r}; a site can only act as itself")
+        raise Refused(
+            Reason.DENIED,
+            f"the token belongs to site {matches[0]}, not {site_id!r}; a site can only act as itself",
+        )
     if mutual_tls:
         names = context.auth_context().get("x509_common_name", [])
         if [n.decode() for n in names] != [site_id]:
             shown = ", ".join(n.decode() for n in names) or "none"
-            raise Refused(Reason.DENIED, f"the client certificate's common name ({shown}) is not site {site_id}; use the site's own certificate")
+            raise Refused(
+                Reason.DENIED,
+                f"the client certificate's common name ({shown}) is not site {site_id}; use the site's own certificate",
+            )
 
 
 def _bearer(metadata) -> str | None:
@@ -47,7 +59,10 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
         try:
             return path.read_bytes()
         except OSError as e:
-            raise RMMError(f"cannot read TLS file ({e.strerror}); see `rmm certs` to make development certificates", file=path) from None
+            raise RMMError(
+                f"cannot read TLS file ({e.strerror}); see `rmm certs` to make development certificates",
+                file=path,
+            ) from None
 
     ca = read(tls.client_ca) if tls.client_ca else None
     key, cert = read(tls.key), read(tls.cert)

@@ -21,7 +21,8 @@ from coordinator.state import FederationState, Phase, Reason, Refused, assemble,
 from protos.rmm.v1 import federation_pb2 as pb
 from rmm import __version__
 from rmm.adapter import lora_scaling, module_name
-from rmm.bundle import BASIS_FILE, Manifest, ModuleEntry, Report, Storage, TaskEntry, coefficients_file, extras_file, file_hashes, read_manifest
+from rmm.bundle import BASIS_FILE, Manifest, ModuleEntry, Report, Storage, TaskEntry, read_manifest
+from rmm.bundle import coefficients_file, extras_file, file_hashes
 from rmm.errors import RMMError
 from rmm.io import read_all, sha256_file
 from rmm.merge import coef_specs
@@ -32,7 +33,8 @@ class Publication:
 
     def __init__(self, fed: FederationState):
         self.fed, self.dir = fed, fed.dir / "result"
-        self.tasks: dict[str, TaskEntry] = {t.name: t for t in read_manifest(self.dir).tasks} if (self.dir / "manifest.json").exists() else {}
+        published = (self.dir / "manifest.json").exists()
+        self.tasks: dict[str, TaskEntry] = {t.name: t for t in read_manifest(self.dir).tasks} if published else {}
 
     def publish(self, site: str, tasks: list[pb.PublishedTask]) -> str:
         """Store the site's own tasks' coefficients (and extras) in result/ and list them in its manifest."""
@@ -41,14 +43,18 @@ class Publication:
         if fed.progress.phase is not Phase.DONE or site not in fed.progress.sites:
             raise Refused(
                 Reason.PRECONDITION,
-                f"only a site aggregated into a DONE federation can publish; federation {fed.config.id} is {fed.state}: {fed.message()}",
+                f"only a site aggregated into a DONE federation can publish; federation {fed.config.id} is "
+                f"{fed.state}: {fed.message()}",
             )
         if not tasks:
             raise Refused(Reason.INVALID, "publish: no tasks; publish at least one")
         own, names = set(manifest.tasks), set()
         for t in tasks:
             if t.name not in own:
-                raise Refused(Reason.DENIED, f"task {t.name!r} is not one of site {site}'s tasks; a site publishes only its own")
+                raise Refused(
+                    Reason.DENIED,
+                    f"task {t.name!r} is not one of site {site}'s tasks; a site publishes only its own",
+                )
             if t.name in names:
                 raise Refused(Reason.INVALID, f"publish: task {t.name} is listed twice")
             names.add(t.name)
@@ -64,12 +70,16 @@ class Publication:
                             file(self.dir, name).parent.mkdir(exist_ok=True)
                             file(staging, name).replace(file(self.dir, name))
                 published = self.tasks | new
-                write_atomic(self.dir / "manifest.json", self._bundle_manifest(published).model_dump_json(indent=2).encode())
+                write_atomic(
+                    self.dir / "manifest.json",
+                    self._bundle_manifest(published).model_dump_json(indent=2).encode(),
+                )
                 self.tasks = published
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         fed.consume(site, {c for t in tasks for part in (t.coefficients, t.extras) for c in part.chunks})
-        return f"published {len(new)} of {len(tasks)} tasks" + (" (the others again, same content)" if len(new) < len(tasks) else "")
+        again = " (the others again, same content)" if len(new) < len(tasks) else ""
+        return f"published {len(new)} of {len(tasks)} tasks{again}"
 
     def _check(self, t: pb.PublishedTask, staging: Path, chunks: Path) -> TaskEntry:
         """The task's entry, once its parts are assembled in `staging` and fit the basis."""
@@ -96,7 +106,10 @@ class Publication:
                 continue  # compared with the stored files under the lock instead
             missing = [c for c in record["chunks"] if not (chunks / c).is_file()]
             if missing:
-                raise Refused(Reason.PRECONDITION, f"publish {t.name}: {len(missing)} chunks are not stored; upload them first")
+                raise Refused(
+                    Reason.PRECONDITION,
+                    f"publish {t.name}: {len(missing)} chunks are not stored; upload them first",
+                )
             file.parent.mkdir(exist_ok=True)
             assemble(chunks, record, file)
             try:
@@ -104,11 +117,18 @@ class Publication:
             except RMMError as e:
                 raise bad(f"{record['name']}: {e.reason}") from None
             if tensors.keys() != shapes.keys():
-                raise bad(f"{record['name']} holds {len(tensors)} tensors, not the {len(shapes)} expected ({sorted(shapes.keys() ^ tensors.keys())[0]} differs)")
+                raise bad(
+                    f"{record['name']} holds {len(tensors)} tensors, not the {len(shapes)} expected "
+                    f"({sorted(shapes.keys() ^ tensors.keys())[0]} differs)",
+                )
             for key, shape in shapes.items():
                 x = tensors[key]
-                if shape is not None and (tuple(x.shape) != shape or not x.is_floating_point() or not torch.isfinite(x).all()):
-                    raise bad(f"coefficients {key} are {x.dtype} {tuple(x.shape)}; the basis needs finite floats of shape {shape}")
+                fits = shape is None or (tuple(x.shape) == shape and x.is_floating_point() and torch.isfinite(x).all())
+                if not fits:
+                    raise bad(
+                        f"coefficients {key} are {x.dtype} {tuple(x.shape)}; the basis needs finite floats of shape "
+                        f"{shape}",
+                    )
         return entry
 
     def _same(self, t: pb.PublishedTask, entry: TaskEntry) -> bool:
@@ -116,8 +136,12 @@ class Publication:
         if t.name not in self.tasks:
             return False
         extras = sha256_file(extras_file(self.dir, t.name)) if self.tasks[t.name].extras else ""
-        if (self.tasks[t.name], sha256_file(coefficients_file(self.dir, t.name)), extras) != (entry, t.coefficients.sha256, t.extras.sha256):
-            raise Refused(Reason.PRECONDITION, f"task {t.name} is already published with other content; a publication is final")
+        stored = (self.tasks[t.name], sha256_file(coefficients_file(self.dir, t.name)), extras)
+        if stored != (entry, t.coefficients.sha256, t.extras.sha256):
+            raise Refused(
+                Reason.PRECONDITION,
+                f"task {t.name} is already published with other content; a publication is final",
+            )
         return True
 
     def _bundle_manifest(self, published: dict[str, TaskEntry]) -> Manifest:
@@ -131,7 +155,9 @@ class Publication:
         files = [self.dir / BASIS_FILE, *(coefficients_file(self.dir, t) for t in published)]
         numbers, size = (sum(c) for c in zip(*map(_tensor_counts, files)))
         originals = {
-            t.name: sum(lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features) for m in modules) for t in published.values()
+            t.name: sum(lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features)
+                        for m in modules)
+            for t in published.values()
         }
         original_bytes = sum(n * getattr(torch, published[t].dtype).itemsize for t, n in originals.items())
         tasks = [published[t] for t in r["tasks"] if t in published]
@@ -158,4 +184,5 @@ def _tensor_counts(file: Path) -> tuple[int, int]:
     with open(file, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     tensors = [v for k, v in header.items() if k != "__metadata__"]
-    return sum(math.prod(v["shape"]) for v in tensors), sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)
+    numbers = sum(math.prod(v["shape"]) for v in tensors)
+    return numbers, sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)

@@ -53,7 +53,10 @@ def _lock_state_dir(state_dir):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RMMError("another coordinator is using this state directory; stop it or choose another --state-dir", file=state_dir) from None
+        raise RMMError(
+            "another coordinator is using this state directory; stop it or choose another --state-dir",
+            file=state_dir,
+        ) from None
     return handle
 
 
@@ -101,12 +104,20 @@ class Coordinator:
                 log.warning("serving WITHOUT TLS on %s (insecure: true); use it on loopback only", address)
                 port = self._server.add_insecure_port(address)
         except RuntimeError as e:
-            raise RMMError(f"cannot listen on {address} ({e}); is another coordinator running there? choose another port") from None
+            raise RMMError(
+                f"cannot listen on {address} ({e}); is another coordinator running there? choose another port",
+            ) from None
         await self._server.start()
         for service in ("", SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._ticker = asyncio.create_task(self._tick())
-        log.info("coordinator serving %d federations on %s:%d, state in %s", len(self.federations), self.config.host, port, self.config.state_dir)
+        log.info(
+            "coordinator serving %d federations on %s:%d, state in %s",
+            len(self.federations),
+            self.config.host,
+            port,
+            self.config.state_dir,
+        )
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -139,12 +150,18 @@ class Coordinator:
             pass
 
     def close_due(self) -> None:
-        """Close every round that is due (all sites uploaded, or its deadline passed), and aggregate every CLOSING one."""
+        """Close every round that is due (all sites uploaded, or its deadline passed); aggregate every CLOSING one."""
         for fed in self.federations.values():
             try:
                 if fed.advance(time.time()):
                     # The operator's log names the sites; what sites read (Status, refusals) counts them only.
-                    log.info("federation %s %s: %s (committed: %s)", fed.config.id, fed.state, fed.message(), ", ".join(sorted(fed.commits)) or "none")
+                    log.info(
+                        "federation %s %s: %s (committed: %s)",
+                        fed.config.id,
+                        fed.state,
+                        fed.message(),
+                        ", ".join(sorted(fed.commits)) or "none",
+                    )
                     self._changed_phase(fed)
             except OSError:
                 log.exception("federation %s: cannot write its phase; fix the state directory", fed.config.id)
@@ -172,7 +189,10 @@ class Coordinator:
                 log.exception("federation %s: aggregation failed", fed.config.id)
                 await asyncio.to_thread(fed.fail, f"aggregation failed: {e}")
         except OSError:
-            log.exception("federation %s: cannot write its result; fix the state directory and restart the coordinator", fed.config.id)
+            log.exception(
+                "federation %s: cannot write its result; fix the state directory and restart the coordinator",
+                fed.config.id,
+            )
             return
         log.info("federation %s %s: %s", fed.config.id, fed.state, fed.message())
         self._changed_phase(fed)
@@ -192,7 +212,10 @@ def _call(method):
             await context.abort(CODES[e.reason], e.message)
         except Exception as e:
             log.exception("%s %s failed", method.__name__, who)
-            await context.abort(grpc.StatusCode.INTERNAL, f"coordinator error ({type(e).__name__}: {e}); see the coordinator's log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"coordinator error ({type(e).__name__}: {e}); see the coordinator's log",
+            )
         log.info("%s %s: %s", method.__name__, who, outcome)
         return response
 
@@ -212,7 +235,13 @@ class _Servicer(pb_grpc.FederationServicer):
 
     def authenticate(self, request, context) -> FederationState:
         fed = self.coordinator.federations.get(request.federation_id)
-        authenticate(context, fed.config if fed else None, request.federation_id, request.site_id, mutual_tls=self.mutual_tls)
+        authenticate(
+            context,
+            fed.config if fed else None,
+            request.federation_id,
+            request.site_id,
+            mutual_tls=self.mutual_tls,
+        )
         return fed
 
     @_call
@@ -232,7 +261,8 @@ class _Servicer(pb_grpc.FederationServicer):
     @_call
     async def UploadChunk(self, fed: FederationState, request: pb.UploadChunkRequest, context):
         already = await asyncio.to_thread(fed.store_chunk, request.site_id, request.sha256, request.data)
-        return pb.UploadChunkResponse(already_stored=already), f"chunk {request.sha256[:12]} ({len(request.data)} bytes){' again' if already else ''}"
+        outcome = f"chunk {request.sha256[:12]} ({len(request.data)} bytes){' again' if already else ''}"
+        return pb.UploadChunkResponse(already_stored=already), outcome
 
     @_call
     async def Commit(self, fed: FederationState, request: pb.CommitRequest, context):
@@ -278,7 +308,10 @@ class _Servicer(pb_grpc.FederationServicer):
             fed = self.authenticate(request, context)
             file, _, size = fed.download()
             if not 0 <= request.offset <= size:
-                raise Refused(Reason.OUT_OF_RANGE, f"offset {request.offset} is outside the basis of {size} bytes; resume from 0 to {size}")
+                raise Refused(
+                    Reason.OUT_OF_RANGE,
+                    f"offset {request.offset} is outside the basis of {size} bytes; resume from 0 to {size}",
+                )
         except Refused as e:
             log.warning("DownloadBasis %s refused (%s): %s", who, CODES[e.reason].name, e.message)
             await context.abort(CODES[e.reason], e.message)
@@ -292,7 +325,10 @@ class _Servicer(pb_grpc.FederationServicer):
             await asyncio.to_thread(fed.save_traffic, request.site_id)
         except OSError as e:
             log.exception("DownloadBasis %s failed at byte %d", who, offset)
-            await context.abort(grpc.StatusCode.INTERNAL, f"coordinator cannot read the basis ({e}); see the coordinator's log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"coordinator cannot read the basis ({e}); see the coordinator's log",
+            )
         log.info("DownloadBasis %s: sent bytes %d to %d", who, request.offset, size)
 
 

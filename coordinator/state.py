@@ -139,15 +139,15 @@ class FederationState:
         self.commits: dict[str, dict] = {}
         self.curves: dict[str, dict] = {}  # method "auto": the second round's commits
         self.traffic: dict[str, dict[str, int]] = {}
-        # Per site, the uploaded chunks no commit has consumed yet (sha256 -> bytes) and their total, for max_pending_bytes.
+        # Per site, the uploaded chunks no commit consumed yet (sha256 -> bytes) and their total (max_pending_bytes).
         self.pending: dict[str, dict[str, int]] = {}
         self.pending_bytes: dict[str, int] = {}
         for site_dir in sorted((self.dir / "sites").glob("*")):
             self._load_site(site_dir.name, site_dir)
         # The bases exist from round 2 on; a result only once DONE (a CLOSING federation rewrites either).
-        self.bases: dict | None = json.loads((self.dir / "bases" / "bases.json").read_text()) if self.progress.round == 2 else None
-        done = self.progress.phase is Phase.DONE
-        self.result: dict | None = json.loads((self.dir / "result" / "result.json").read_text()) if done else None
+        bases, result = self.dir / "bases" / "bases.json", self.dir / "result" / "result.json"
+        self.bases: dict | None = json.loads(bases.read_text()) if self.progress.round == 2 else None
+        self.result: dict | None = json.loads(result.read_text()) if self.progress.phase is Phase.DONE else None
 
     def _remove_temporaries(self) -> None:
         # Temporary files, commit staging and atomic_dir's result directory of a killed coordinator.
@@ -166,8 +166,8 @@ class FederationState:
                 raise RMMError(f"not a phase file of this coordinator ({e.errors()[0]['msg']})", file=file) from None
         if (self.dir / "config.json").exists():  # an older coordinator inferred the phase from which files existed
             raise RMMError(
-                f"federation {self.config.id!r} was started by an older coordinator (no phase.json); finish it with that "
-                "version, or move this directory away to start the federation again",
+                f"federation {self.config.id!r} was started by an older coordinator (no phase.json); finish it with "
+                "that version, or move this directory away to start the federation again",
                 file=self.dir,
             )
         now = time.time()
@@ -243,7 +243,8 @@ class FederationState:
                 )
             case Phase.CURVES:
                 sites = len(self.progress.sites)
-                return f"bases ready; waiting for the curves of {len(self.missing_curves())} of {sites} sites, deadline in {left:.0f} s"
+                missing = len(self.missing_curves())
+                return f"bases ready; waiting for the curves of {missing} of {sites} sites, deadline in {left:.0f} s"
             case _:
                 return self.progress.message
 
@@ -258,11 +259,20 @@ class FederationState:
                 case Phase.OPEN if self.missing_sites() and now < self.deadline:
                     return False
                 case Phase.OPEN if len(self.commits) >= self.config.min_sites:
-                    self._move(phase=Phase.CLOSING, sites=sorted(self.commits), message=f"aggregating {len(self.commits)} sites")
+                    self._move(
+                        phase=Phase.CLOSING,
+                        sites=sorted(self.commits),
+                        message=f"aggregating {len(self.commits)} sites",
+                    )
                 case Phase.OPEN:
-                    self._fail(f"deadline passed: {len(self.commits)} of min_sites={self.config.min_sites} sites committed")
+                    self._fail(
+                        f"deadline passed: {len(self.commits)} of min_sites={self.config.min_sites} sites committed",
+                    )
                 case Phase.CURVES if not self.missing_curves():
-                    self._move(phase=Phase.CLOSING, message=f"allocating the storage budget over {len(self.bases['tasks'])} tasks")
+                    self._move(
+                        phase=Phase.CLOSING,
+                        message=f"allocating the storage budget over {len(self.bases['tasks'])} tasks",
+                    )
                 case Phase.CURVES if now >= self.deadline:
                     missing, sites = len(self.missing_curves()), len(self.progress.sites)
                     self._fail(f"deadline passed without the curves of {missing} of {sites} sites")
@@ -285,11 +295,17 @@ class FederationState:
             case Phase.CURVES if site in self.progress.sites and site not in self.curves:
                 return 2
             case Phase.CURVES if site not in self.progress.sites:
-                raise Refused(Reason.PRECONDITION, f"site {site} is not in this federation's bases (it committed too late); nothing more to upload")
+                raise Refused(
+                    Reason.PRECONDITION,
+                    f"site {site} is not in this federation's bases (it committed too late); nothing more to upload",
+                )
             case Phase.OPEN | Phase.CURVES:
                 raise Refused(Reason.PRECONDITION, f"site {site} already committed; nothing more to upload")
             case _:
-                raise Refused(Reason.PRECONDITION, f"federation {self.config.id} closed ({self.message()}); it takes no more uploads")
+                raise Refused(
+                    Reason.PRECONDITION,
+                    f"federation {self.config.id} closed ({self.message()}); it takes no more uploads",
+                )
 
     # -- calls ------------------------------------------------------------------------------------
 
@@ -300,9 +316,15 @@ class FederationState:
             if before == manifest:
                 return "joined again (same manifest)"
             if self.progress.phase is not Phase.OPEN:
-                raise Refused(Reason.PRECONDITION, f"federation {self.config.id} is closed ({self.message()}); it takes no more joins")
+                raise Refused(
+                    Reason.PRECONDITION,
+                    f"federation {self.config.id} is closed ({self.message()}); it takes no more joins",
+                )
             if site in self.commits:
-                raise Refused(Reason.PRECONDITION, f"site {site} already committed with another manifest; a commit is final")
+                raise Refused(
+                    Reason.PRECONDITION,
+                    f"site {site} already committed with another manifest; a commit is final",
+                )
             _check_manifest(self.config, manifest, {t for s, m in self.manifests.items() if s != site for t in m.tasks})
             site_dir = self.dir / "sites" / site
             site_dir.mkdir(parents=True, exist_ok=True)
@@ -327,20 +349,27 @@ class FederationState:
         if not (self.progress.phase is Phase.DONE and site in self.progress.sites):  # after DONE, only to publish
             self._upload_round(site)
         if len(data) > MAX_CHUNK:
-            raise Refused(Reason.INVALID, f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK}-byte limit; split parts into smaller chunks")
+            raise Refused(
+                Reason.INVALID,
+                f"chunk of {len(data)} bytes exceeds the {MAX_CHUNK}-byte limit; split parts into smaller chunks",
+            )
         if not SHA256.match(digest):
             raise Refused(Reason.INVALID, f"{digest!r} is not a sha256 (64 lowercase hex digits)")
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
-            raise Refused(Reason.INVALID, f"chunk sha256 is {actual}, not {digest} as sent; the chunk was damaged, send it again")
+            raise Refused(
+                Reason.INVALID,
+                f"chunk sha256 is {actual}, not {digest} as sent; the chunk was damaged, send it again",
+            )
         chunks = self.dir / "sites" / site / "chunks"
         with self.lock:
             used = self.pending_bytes.get(site, 0)
             if digest not in self.pending.get(site, {}) and used + len(data) > self.config.max_pending_bytes:
                 raise Refused(
                     Reason.EXHAUSTED,
-                    f"site {site} already holds {used} bytes of uploaded chunks that no commit has consumed, and the federation's "
-                    f"max_pending_bytes is {self.config.max_pending_bytes}; commit what is uploaded, or ask the operator to raise it",
+                    f"site {site} already holds {used} bytes of uploaded chunks that no commit has consumed, and "
+                    f"the federation's max_pending_bytes is {self.config.max_pending_bytes}; commit what is uploaded, "
+                    "or ask the operator to raise it",
                 )
         chunks.mkdir(exist_ok=True)
         already = (chunks / digest).is_file()
@@ -382,7 +411,11 @@ class FederationState:
         wanted = {c for part in record for c in part["chunks"]}
         missing = [c for c in wanted if not (chunks / c).is_file()]
         if missing:
-            raise Refused(Reason.PRECONDITION, f"{len(missing)} of {len(wanted)} chunks are not stored; upload them (MissingChunks lists them) and commit again")
+            raise Refused(
+                Reason.PRECONDITION,
+                f"{len(missing)} of {len(wanted)} chunks are not stored; upload them (MissingChunks lists them) and "
+                "commit again",
+            )
         where.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".commit-", dir=where))
         try:
@@ -393,19 +426,26 @@ class FederationState:
                 tasks += self._check_payload(file, part["name"], manifest, kind)
                 numbers += _spectra_numbers(file, self.config.modules) if kind == "spectra" else 0
             if tasks != len(manifest.tasks):
-                raise Refused(Reason.INVALID, f"the parts hold {tasks} tasks, the manifest lists {len(manifest.tasks)}; upload every task's share once")
-            # The budget of method auto is a share of every site's LoRA numbers: the ranks uploaded must give what was declared.
+                raise Refused(
+                    Reason.INVALID,
+                    f"the parts hold {tasks} tasks, the manifest lists {len(manifest.tasks)}; upload every task's "
+                    "share once",
+                )
+            # Method auto's budget is a share of the sites' LoRA numbers: the ranks uploaded must give what was declared
             if kind == "spectra" and numbers != manifest.lora_numbers:
                 raise Refused(
                     Reason.INVALID,
-                    f"the manifest's lora_numbers {manifest.lora_numbers} differ from the {numbers} the spectra's ranks give; "
-                    f"join again with {numbers}",
+                    f"the manifest's lora_numbers {manifest.lora_numbers} differ from the {numbers} the spectra's "
+                    f"ranks give; join again with {numbers}",
                 )
             with self.lock:
                 if store.get(site, {}).get("parts") == record:  # a concurrent retry of this commit landed first
                     return "committed again (same parts)"
                 if self.manifests[site] is not manifest:
-                    raise Refused(Reason.CONFLICT, "the site joined again with another manifest during this commit; commit again")
+                    raise Refused(
+                        Reason.CONFLICT,
+                        "the site joined again with another manifest during this commit; commit again",
+                    )
                 self._upload_round(site)  # still open to this site: the round may have closed meanwhile
                 shutil.rmtree(where / "parts", ignore_errors=True)
                 staging.rename(where / "parts")
@@ -448,11 +488,17 @@ class FederationState:
             case Phase.DONE:
                 return self.dir / "result" / BASIS_FILE, self.result["basis_sha256"], self.result["basis_size"]
             case _:
-                raise Refused(Reason.PRECONDITION, f"federation {self.config.id} is {self.state}, not DONE: {self.message()}; wait with Status")
+                raise Refused(
+                    Reason.PRECONDITION,
+                    f"federation {self.config.id} is {self.state}, not DONE: {self.message()}; wait with Status",
+                )
 
     def joined(self, site: str) -> pb.SiteManifest:
         if site not in self.manifests:
-            raise Refused(Reason.PRECONDITION, f"site {site} has not joined federation {self.config.id}; call Join first")
+            raise Refused(
+                Reason.PRECONDITION,
+                f"site {site} has not joined federation {self.config.id}; call Join first",
+            )
         return self.manifests[site]
 
     def _check_payload(self, file: Path, name: str, manifest: pb.SiteManifest, kind: str) -> int:
@@ -473,11 +519,14 @@ class FederationState:
                 for factor, positions in zip(FACTORS, (module.out_features, module.in_features)):
                     m, r = moments[factor], module.rank
                     if m.n != n or m.s1.shape != (positions, r) or m.s2.shape != (positions, r, r):
-                        raise bad(f"module {module.name} factor {factor} does not fit {positions} positions of rank {r} for {n} tasks")
+                        raise bad(f"module {module.name} factor {factor} does not fit {positions} positions of "
+                                  f"rank {r} for {n} tasks")
                     if not (torch.isfinite(m.s1).all() and torch.isfinite(m.s2).all()):
                         raise bad(f"module {module.name} factor {factor} holds NaN or infinite values")
         except RMMError as e:
-            raise bad(f"not a valid {kind} payload: {e.reason}" + (f" (module {e.module})" if e.module else "")) from None
+            raise bad(
+                f"not a valid {kind} payload: {e.reason}" + (f" (module {e.module})" if e.module else ""),
+            ) from None
         except ValueError as e:
             raise bad(f"not a valid {kind} payload: {e}") from None
         return n
@@ -502,10 +551,17 @@ class FederationState:
         with atomic_dir(self.dir / "result") as tmp:
             if self.config.merge.method == "auto":
                 budget = self.config.merge.storage_ratio * sum(m.lora_numbers for m in manifests)
-                modules, energy = write_plan(parts, self._parts(sites, self.curves, "curves"), self.config.modules, budget,
-                                             self.dir / "bases" / "bases.safetensors", tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
+                curves = self._parts(sites, self.curves, "curves")
+                bases = self.dir / "bases" / "bases.safetensors"
+                modules, energy = write_plan(parts, curves, self.config.modules, budget, bases, tmp / BASIS_FILE,
+                                             getattr(torch, self.config.basis_dtype))
             else:
-                modules = plan_modules(self.config.modules, len(tasks), sum(m.lora_numbers for m in manifests), self.config.merge)
+                modules = plan_modules(
+                    self.config.modules,
+                    len(tasks),
+                    sum(m.lora_numbers for m in manifests),
+                    self.config.merge,
+                )
                 energy = aggregate(parts, modules, tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
             solved = time.perf_counter()
             result = {
@@ -515,17 +571,25 @@ class FederationState:
                 "energy": energy,
                 "basis_sha256": sha256_file(tmp / BASIS_FILE),
                 "basis_size": (tmp / BASIS_FILE).stat().st_size,
-                "seconds": (self.bases or {}).get("seconds", {})
-                | {"collect": started - self.progress.created, "aggregate": solved - clock, "hash": time.perf_counter() - solved},
+                "seconds": (self.bases or {}).get("seconds", {}) | {
+                    "collect": started - self.progress.created,
+                    "aggregate": solved - clock,
+                    "hash": time.perf_counter() - solved,
+                },
             }
             _write_json(tmp / "result.json", result)
         with self.lock:
             self.result = result
-            self._move(phase=Phase.DONE, message=f"aggregated {len(tasks)} tasks of {len(sites)} sites", finished=time.time())
+            self._move(
+                phase=Phase.DONE,
+                message=f"aggregated {len(tasks)} tasks of {len(sites)} sites",
+                finished=time.time(),
+            )
 
     def _parts(self, sites: list[str], store: dict[str, dict], round_dir: str) -> list[Path]:
         """The committed part files of `sites`: first uploads (store commits, round_dir "") or curves."""
-        return [self.dir / "sites" / s / round_dir / "parts" / f"{p['name']}.safetensors" for s in sites for p in store[s]["parts"]]
+        site = self.dir / "sites"
+        return [site / s / round_dir / "parts" / f"{p['name']}.safetensors" for s in sites for p in store[s]["parts"]]
 
     def _write_bases(self, tasks: list[str], parts: list[Path], started: float, clock: float) -> None:
         """Method auto, end of round 1: the joint bases every site needs for its curves; CURVES."""
@@ -543,7 +607,7 @@ class FederationState:
             self._move(phase=Phase.CURVES, round=2, deadline=time.time() + self.config.deadline_seconds, message="")
 
     def report(self, site: str) -> dict:
-        """The federation's state and the calling site's own row: a site learns nothing of another's tasks or traffic."""
+        """The federation's state and the calling site's own row: nothing of another site's tasks or traffic."""
         r, p = self.result or {}, self.progress
         manifest, commit, traffic = self.manifests.get(site), self.commits.get(site), self.traffic.get(site, {})
         sites = {
@@ -577,7 +641,10 @@ class FederationState:
 def _check_tasks(config: FederationConfig, m: pb.SiteManifest) -> None:
     """Task names become file names (coefficients/<task>.safetensors): each must be one; at most max_tasks."""
     if len(m.tasks) > config.max_tasks:
-        raise Refused(Reason.EXHAUSTED, f"the manifest lists {len(m.tasks)} tasks; the federation's max_tasks is {config.max_tasks}")
+        raise Refused(
+            Reason.EXHAUSTED,
+            f"the manifest lists {len(m.tasks)} tasks; the federation's max_tasks is {config.max_tasks}",
+        )
     for task in m.tasks:
         try:
             safe_name(task)
@@ -605,17 +672,26 @@ def _check_manifest(config: FederationConfig, m: pb.SiteManifest, taken: set[str
     for x in m.modules:
         want = wanted[x.name]
         if (x.out_features, x.in_features) != (want.out_features, want.in_features):
-            refuse(f"module {x.name} has shape {x.out_features}x{x.in_features}, the federation's is {want.out_features}x{want.in_features}")
+            refuse(
+                f"module {x.name} has shape {x.out_features}x{x.in_features}, the federation's is "
+                f"{want.out_features}x{want.in_features}",
+            )
         if not 1 <= x.rank <= want.rank:
             refuse(f"module {x.name} has rank {x.rank}, the federation allows 1 to {want.rank}")
     if m.upload_kind not in config.upload_kinds and config.merge.method == "auto":
-        refuse(f"the federation uses method auto, whose sites upload 'spectra' (rmm site run --method auto), not {m.upload_kind!r}")
+        refuse(
+            "the federation uses method auto, whose sites upload 'spectra' (rmm site run --method auto), not "
+            f"{m.upload_kind!r}",
+        )
     if m.upload_kind not in config.upload_kinds:
         refuse(f"upload_kind {m.upload_kind!r} is not allowed; the federation allows {', '.join(config.upload_kinds)}")
     if m.upload_kind == "sketch" and m.sketch_rank < 1:
         refuse(f"upload_kind 'sketch' needs sketch_rank >= 1, got {m.sketch_rank}")
     if m.canonicalize != config.merge.canonicalize:
-        refuse(f"canonicalize is {m.canonicalize}, the federation's is {config.merge.canonicalize}; prepare the factors the same way")
+        refuse(
+            f"canonicalize is {m.canonicalize}, the federation's is {config.merge.canonicalize}; prepare the factors "
+            "the same way",
+        )
     if not m.tasks:
         refuse("it lists no tasks")
     # The budget is a share of the sites' LoRA numbers: each task holds every module at a rank from 1 to the site's.
@@ -624,8 +700,8 @@ def _check_manifest(config: FederationConfig, m: pb.SiteManifest, taken: set[str
     if not least <= m.lora_numbers <= most:
         raise Refused(
             Reason.INVALID,
-            f"lora_numbers {m.lora_numbers} is impossible for {len(m.tasks)} tasks on these modules and ranks ({least} to {most}); "
-            "give the LoRA numbers of the site's adapters",
+            f"lora_numbers {m.lora_numbers} is impossible for {len(m.tasks)} tasks on these modules and ranks "
+            f"({least} to {most}); give the LoRA numbers of the site's adapters",
         )
     seen = set()
     for task in m.tasks:
@@ -643,7 +719,8 @@ def _chunks_of(parts: list[dict]) -> set[str]:
 def _spectra_numbers(file: Path, modules: list[ModuleEntry]) -> int:
     """The LoRA numbers of a (checked) spectra payload's tasks at their own ranks, from the ranks it carries."""
     with open_safetensors(file) as f:
-        return sum(int(read_tensor(f, file, f"{m.name}.ranks").sum()) * (m.out_features + m.in_features) for m in modules)
+        ranks = [int(read_tensor(f, file, f"{m.name}.ranks").sum()) for m in modules]
+    return sum(r * (m.out_features + m.in_features) for r, m in zip(ranks, modules))
 
 
 def check_parts(parts: list[dict], call: str = "commit") -> None:
@@ -680,6 +757,6 @@ def assemble(chunks: Path, part: dict, out: Path) -> None:
     if (size, h.hexdigest()) != (part["size"], part["sha256"]):
         raise Refused(
             Reason.INVALID,
-            f"part {part['name']}: its chunks make {size} bytes with sha256 {h.hexdigest()}, the commit says {part['size']} bytes "
-            f"with sha256 {part['sha256']}; list the part's chunks in order",
+            f"part {part['name']}: its chunks make {size} bytes with sha256 {h.hexdigest()}, the commit says "
+            f"{part['size']} bytes with sha256 {part['sha256']}; list the part's chunks in order",
         )
