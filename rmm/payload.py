@@ -117,16 +117,17 @@ def smallest_exact_numbers(positions: int, rank: int, n: int) -> int:
 
 # --- method "auto": the allocator in two rounds --------------------------------------------------
 #
-# Round 1, `spectra` (per module): every task's singular values `S` (n, r) and own rank `ranks` (n,),
-# the site's Gram roots `W_out` (out, q), `W_in` (in, q) (`rmm.allocate.grams`, q = min(side, n r)),
-# and an exact summary of its raw factors per position, `B.*` and `A.*` (the smaller of the `moments`
-# and the full-rank `sketch` kinds for its task count and the module's rank), float64.
-# The coordinator sets all sites' roots side by side and sums the moments: the joint bases U, V and the
-# per-position bases (`bases`). Round 2, `curves` (per module): every task's error curves against
-# those bases, `joint` (n, K + 1) and `shared` (n, p + 1). The coordinator then allocates exactly as
-# `rmm merge` does (`write_plan`): the final basis file holds what the plan shares (U and V of joint
-# modules, mean and basis of per-position ones) and, in its metadata, the plan. Truncation stays local:
-# each site cuts its own tasks to the ranks the plan gives them. Task names travel in each payload's metadata.
+# Round 1, `spectra` (per module): every task's singular values `S` (n, r) and own rank `ranks` (n,), and
+# what each storage kind asks of the site (`StorageKind.spectra`): joint sharing the site's Gram roots `W_out`
+# (out, q), `W_in` (in, q) (`rmm.storage.joint.grams`, q = min(side, n r)); per-position sharing an exact
+# summary of its raw factors per position, `B.*` and `A.*` (the smaller of the `moments` and the full-rank
+# `sketch` for its task count and the module's rank), float64. The coordinator builds each kind's bases from
+# them (`StorageKind.bases`: roots side by side give U, V; summed moments the per-position bases). Round 2,
+# `curves` (per module): every task's error curve against those bases, per kind that needs one, named by the
+# kind (`joint` (n, K + 1), `shared` (n, p + 1)). The coordinator then allocates exactly as `rmm merge` does
+# (`write_plan`): the final basis file holds what the plan shares, cut from the bases, and, in its metadata,
+# the plan. Truncation stays local: each site cuts its own tasks to the ranks the plan gives them. Task names
+# travel in each payload's metadata.
 
 
 def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file: Path) -> StreamingWriter:
