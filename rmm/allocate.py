@@ -28,7 +28,8 @@ def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
     """One module's error curves, centrally, from all tasks' raw factors (T, out, r), (T, r, in) and
     their own ranks. A federation computes the same from its sites' uploads (`rmm.payload`)."""
     canonical = canonicalize(B, A)
-    return Curves(B.shape[1], A.shape[2], B.shape[2], tuple(ranks), {name: k.curve((B, A), canonical, ranks) for name, k in KINDS.items()})
+    kinds = {name: k.curve((B, A), canonical, ranks) for name, k in KINDS.items()}
+    return Curves(B.shape[1], A.shape[2], B.shape[2], tuple(ranks), kinds)
 
 
 def allocate(modules: list[Curves], budget: float) -> list[Choice]:
@@ -47,8 +48,9 @@ def allocate(modules: list[Curves], budget: float) -> list[Choice]:
     best = min(fitting, key=lambda p: sum((c.n_out + c.n_in) * sum(ch.errors) for c, ch in zip(modules, p)))
     if sum(ch.cost for ch in best) == 0:
         ratio = budget / sum(c.numbers for c in modules)
-        raise RMMError(f"storage ratio {ratio:.3g} keeps nothing (every dW error would be 1); the smallest sure to keep something is "
-                       f"{_round_up(minimum_ratio(modules))} (one direction shared by all tasks, in the module where that costs least)")
+        raise RMMError(f"storage ratio {ratio:.3g} keeps nothing (every dW error would be 1); the smallest sure to "
+                       f"keep something is {_round_up(minimum_ratio(modules))} (one direction shared by all tasks, in "
+                       "the module where that costs least)")
     return best
 
 

@@ -26,7 +26,8 @@ PLAN = "rmm.plan"  # metadata key of a federation's "auto" basis file: its modul
 def module_specs(adapters: list[LoraAdapter]) -> list[ModuleEntry]:
     """Each module's shape and largest rank over the adapters (p left at 0: not planned yet)."""
     return [
-        ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, rank=max(a.modules[m].rank for a in adapters), p=0)
+        ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, p=0,
+                    rank=max(a.modules[m].rank for a in adapters))
         for m, s in adapters[0].modules.items()
     ]
 
@@ -94,7 +95,8 @@ def modules_of_basis(basis: Path, specs: list[ModuleEntry], tasks: list[str], me
         meta = f.metadata() or {}
         if (PLAN in meta) != (method == "auto"):
             built = "auto" if PLAN in meta else "rmm-paper"
-            raise RMMError(f"this basis was built by method {built}; merge against it with that method, not {method}", file=basis)
+            raise RMMError(f"this basis was built by method {built}; merge against it with that method, not {method}",
+                           file=basis)
         if PLAN in meta:
             planned = [ModuleEntry.model_validate(m) for m in json.loads(meta[PLAN])]
             if [m.name for m in planned] != [m.name for m in specs]:
@@ -102,8 +104,8 @@ def modules_of_basis(basis: Path, specs: list[ModuleEntry], tasks: list[str], me
             mine = []
             for m, spec in zip(planned, specs):
                 if (m.out_features, m.in_features) != (spec.out_features, spec.in_features) or m.rank < spec.rank:
-                    raise RMMError(f"plan shape {m.out_features}x{m.in_features} rank {m.rank} does not fit the adapters'",
-                                   file=basis, module=m.name)
+                    shape = f"{m.out_features}x{m.in_features} rank {m.rank}"
+                    raise RMMError(f"plan shape {shape} does not fit the adapters'", file=basis, module=m.name)
                 try:
                     mine.append(kind(m).for_tasks(m, tasks))
                 except RMMError as e:

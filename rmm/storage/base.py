@@ -55,7 +55,8 @@ class Choice:
 
 class StorageKind(ABC):
     name: str
-    canonical: bool  # fitted to the canonical factors (`rmm.canonical`); else to the raw ones unless the merge canonicalises
+    # Fitted to the canonical factors (`rmm.canonical`); else to the raw ones, unless the merge canonicalises.
+    canonical: bool
 
     # --- the bundle ---------------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class StorageKind(ABC):
 
     @abstractmethod
     def choose(self, c: Curves, price: float) -> tuple[torch.Tensor, Choice]:
-        """The best option at `price` per stored number, with its objective (out + in) x sum of errors + price x cost."""
+        """The best option at `price` per number, and its objective (out + in) x summed errors + price x cost."""
 
     @abstractmethod
     def plain(self, modules: list[Curves], budget: float) -> list[Choice]:
@@ -113,7 +114,7 @@ class StorageKind(ABC):
         """The module entry of `choice` for `tasks`."""
 
     def keeps_something_from(self, c: Curves) -> float | None:
-        """The storage ratio of the module from which this kind's plain plan surely keeps something, if it promises that."""
+        """The module's storage ratio from which this kind's plain plan surely keeps something, if it promises that."""
         return None
 
     # --- method "auto" in a federation: round 1 (spectra), the coordinator's bases, round 2 (curves) ---
@@ -129,8 +130,8 @@ class StorageKind(ABC):
         """What the coordinator builds from the spectra of the tasks of `ranks`, for the sites' curves."""
         return {}
 
-    def bases(self, mod: ModuleEntry, ranks: list[int], sites: list[tuple[int, Read]], specs: Specs) -> dict[str, torch.Tensor]:
-        """Those tensors, from each site's task count and spectra."""
+    def bases(self, mod: ModuleEntry, ranks: list[int], sites: list[tuple[int, Read]], specs: Specs) -> dict:
+        """Those tensors (of `specs`, by suffix), from each site's task count and spectra."""
         return {}
 
     def curve_width(self, mod: ModuleEntry, bases: Shape) -> int | None:

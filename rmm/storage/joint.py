@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from rmm.canonical import singular_values
-from rmm.storage.base import Choice, Curves, StorageKind
+from rmm.storage.base import Choice, Curves, Factors, StorageKind
 
 SIDES = ("U", "V")  # basis on the out side, on the in side
 ROOTS = ("W_out", "W_in")  # a site's Gram roots of each side, in its spectra
@@ -54,7 +54,7 @@ def _thin(X: torch.Tensor) -> torch.Tensor:
     return U * S
 
 
-def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap: int) -> Factors:
     """The shared bases U (out, Ku) and V (in, Kv), best first, at most `cap` columns, from Gram roots of
     groups of tasks (`grams`): the top left singular vectors of the roots side by side, each column
     signed so that its largest entry is positive. Ku = min(cap, out, T r) however the tasks are grouped."""
@@ -86,6 +86,10 @@ def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
     ks = torch.arange(max(ku, kv) + 1)
     kept = block[:, ks.clamp(max=ku), ks.clamp(max=kv)]  # (T, K + 1)
     return (1 - kept / energy[:, None]).clamp_min(0)
+
+
+def _sides(mod) -> tuple[int, int]:
+    return mod.out_features, mod.in_features
 
 
 class Joint(StorageKind):
@@ -158,17 +162,18 @@ class Joint(StorageKind):
         return float(self._cost(c, torch.tensor(1))) / c.numbers
 
     def spectra_specs(self, mod, n):
-        return {w: (torch.float64, (side, min(side, n * mod.rank))) for w, side in zip(ROOTS, (mod.out_features, mod.in_features))}
+        return {w: (torch.float64, (side, min(side, n * mod.rank))) for w, side in zip(ROOTS, _sides(mod))}
 
     def spectra(self, mod, raw, canonical):
         return {w: X.contiguous() for w, X in zip(ROOTS, grams(*canonical))}
 
     def bases_specs(self, mod, ranks):
         cap = joint_cap(mod.out_features, mod.in_features, ranks)
-        return {s: (torch.float64, (n, min(cap, n, len(ranks) * mod.rank))) for s, n in zip(SIDES, (mod.out_features, mod.in_features))}
+        return {s: (torch.float64, (n, min(cap, n, len(ranks) * mod.rank))) for s, n in zip(SIDES, _sides(mod))}
 
     def bases(self, mod, ranks, sites, specs):
-        U, V = joint_bases(*([read(w).double() for _, read in sites] for w in ROOTS), joint_cap(mod.out_features, mod.in_features, ranks))
+        roots = ([read(w).double() for _, read in sites] for w in ROOTS)
+        U, V = joint_bases(*roots, joint_cap(mod.out_features, mod.in_features, ranks))
         return {"U": U.contiguous(), "V": V.contiguous()}
 
     def curve_width(self, mod, bases):

@@ -10,14 +10,15 @@ adapters share an ancestry (one released adapter, one seed), and then this is th
 from __future__ import annotations
 
 import operator
-from functools import reduce
+from functools import partial, reduce
 
 import torch
 
 from rmm.bundle import FACTORS
 from rmm.metrics import relative_error
 from rmm.solver import (
-    Basis, Moments, coefficients, decode, encode, energy_kept, reconstruct, smallest_exact, solve, storage_numbers, summary_specs,
+    Basis, Moments, coefficients, decode, encode, energy_kept, reconstruct, smallest_exact, solve, storage_numbers,
+    summary_specs,
 )
 from rmm.storage.base import Choice, Curves, StorageKind
 
@@ -45,6 +46,10 @@ def position_bases(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> tuple[
     """The per-position bases of raw factors (T, out, r), (T, r, in) of tasks of `ranks`, up to `shared_cap`."""
     p = shared_cap(B.shape[2], ranks)
     return solve(Moments.of(B), p), solve(Moments.of(A.mT), p)
+
+
+def _read_factor(read, factor: str, suffix: str) -> torch.Tensor:
+    return read(f"{factor}.{suffix}").double()
 
 
 def _positions(factors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +127,18 @@ class Shared(StorageKind):
         return mod.model_copy(update={"method": self.name, "p": choice.setting})
 
     def spectra_specs(self, mod, n):
-        """An exact summary of the tasks' raw factors per position: the smaller of the moments and the full-rank sketch."""
-        specs = {}
+        """An exact summary of the tasks' raw factors per position: the moments or a full-rank sketch, the smaller."""
+        specs, how = {}, smallest_exact(n, mod.rank)
         for f, P in zip(FACTORS, (mod.out_features, mod.in_features)):
-            specs |= {f"{f}.{suffix}": spec for suffix, spec in summary_specs(P, mod.rank, n, *smallest_exact(n, mod.rank)).items()}
+            specs |= {f"{f}.{suffix}": spec for suffix, spec in summary_specs(P, mod.rank, n, *how).items()}
         return specs
 
     def spectra(self, mod, raw, canonical):
         how = smallest_exact(raw[0].shape[0], mod.rank)
-        return {f"{f}.{suffix}": x.contiguous() for f, X in zip(FACTORS, _positions(raw)) for suffix, x in encode(X, *how)}
+        parts = {}
+        for f, X in zip(FACTORS, _positions(raw)):
+            parts |= {f"{f}.{suffix}": x.contiguous() for suffix, x in encode(X, *how)}
+        return parts
 
     def bases_specs(self, mod, ranks):
         return self.basis_specs(mod.model_copy(update={"p": shared_cap(mod.rank, ranks)}), torch.float64)
@@ -139,7 +147,7 @@ class Shared(StorageKind):
         out = {}
         for f in FACTORS:
             total = reduce(operator.add, (
-                decode(smallest_exact(n, mod.rank)[0], n, mod.rank, lambda suffix: read(f"{f}.{suffix}").double())  # noqa: B023
+                decode(smallest_exact(n, mod.rank)[0], n, mod.rank, partial(_read_factor, read, f))
                 for n, read in sites
             ))
             basis = solve(total, specs[f"{f}.basis"][1][2])
@@ -150,7 +158,9 @@ class Shared(StorageKind):
         return bases("B.basis")[2] + 1
 
     def site_curve(self, mod, raw, canonical, bases):
-        return shared_errors(*raw, tuple(Basis(bases(f"{f}.mean").double(), bases(f"{f}.basis").double(), torch.empty(0)) for f in FACTORS))
+        per_position = tuple(Basis(bases(f"{f}.mean").double(), bases(f"{f}.basis").double(), torch.empty(0))
+                             for f in FACTORS)
+        return shared_errors(*raw, per_position)
 
     def federated_curve(self, S, rows, bases):
         return rows

@@ -85,7 +85,8 @@ class Truncate(StorageKind):
         plan = []
         for c in modules:
             ks = [plain_rank(r, ratio) for r in c.ranks]
-            plan.append(Choice(self.name, ks, sum(ks) * (c.n_out + c.n_in), [float(c.kinds[self.name][t, k]) for t, k in enumerate(ks)]))
+            errors = [float(c.kinds[self.name][t, k]) for t, k in enumerate(ks)]
+            plan.append(Choice(self.name, ks, sum(ks) * (c.n_out + c.n_in), errors))
         return plan
 
     def planned(self, mod, choice, tasks):
