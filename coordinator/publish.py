@@ -25,7 +25,7 @@ from rmm.bundle import BASIS_FILE, Manifest, ModuleEntry, Report, Storage, TaskE
 from rmm.bundle import coefficients_file, extras_file, file_hashes
 from rmm.errors import RMMError
 from rmm.io import read_all, sha256_file
-from rmm.merge import coef_specs
+from rmm.storage import coef_specs
 
 
 class Publication:
