@@ -53,8 +53,8 @@ from protos.rmm.v1.wire import MAX_CHUNK
 from rmm.bundle import BASIS_FILE, FACTORS, ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import atomic_dir, open_safetensors, read_tensor, safe_name, sha256_file
-from rmm.plan import plan_modules
 from rmm.payload import aggregate, check_round_payload, read_payload, write_bases, write_plan
+from rmm.plan import plan_modules
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
