@@ -36,7 +36,7 @@ import torch
 from rmm.adapter import _A, _B, WEIGHTS_FILE, LoraAdapter, open_adapters, write_adapter
 from rmm.errors import RMMError
 from rmm.io import check_output, open_safetensors
-from rmm.merge import module_specs, numbers_original, stack_factors, storage_dtype
+from rmm.plan import module_specs, numbers_original, stack_factors, storage_dtype
 
 Kind = Literal["single", "reversible"]
 SINGLE_DIR = "merged"
