@@ -65,7 +65,7 @@ def _add_method_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method", choices=["auto", "rmm-paper"],
         help="auto (default; as rmm merge): the allocator, two rounds of uploads; rmm-paper: a per-position basis "
-        "(implied by --basis-size / --canonicalize); must match the federation",
+        "(implied, as in rmm merge, by a --basis-size or --canonicalize); must match the federation",
     )
 
 
