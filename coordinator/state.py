@@ -629,7 +629,7 @@ class FederationState:
             "finished": iso(p.finished),
             "min_sites": self.config.min_sites,
             "sites": sites,
-            "aggregated_sites": p.sites if p.phase in (Phase.DONE, Phase.FAILED) else [],
+            "aggregated_sites": len(p.sites) if p.phase is Phase.DONE else 0,  # a count: never the other sites' ids
             "modules": r.get("modules", []),
             "energy": r.get("energy", {}),
             "basis_sha256": r.get("basis_sha256"),

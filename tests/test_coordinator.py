@@ -157,6 +157,7 @@ def test_three_sites_get_the_centralised_basis(world, tmp_path):
     assert "token_sha256" not in config.federation_config_json
     report = reports[0]
     assert report["state"] == "DONE" and [m["p"] for m in report["modules"]] == [m.p for m in modules]
+    assert report["aggregated_sites"] == 3  # counted, not named
     rows = {s: r["sites"][s] for s, r in zip("abc", reports) if list(r["sites"]) == [s]}  # each site sees its own row only
     assert {s: r["tasks"] for s, r in rows.items()} == {"a": 1, "b": 2, "c": 2}
     assert {s: r["bytes_received"] for s, r in rows.items()} == {s: world.sites[s].file.stat().st_size for s in "abc"}
