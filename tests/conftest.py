@@ -94,7 +94,7 @@ def ray_cluster():
     """One embedded Ray for the whole session (ray.init costs seconds)."""
     import ray
 
-    from workers.simulate import ensure_ray
+    from workers.site import ensure_ray
 
     ensure_ray()
     yield ray
