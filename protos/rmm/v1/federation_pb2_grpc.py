@@ -111,7 +111,8 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Federation state; with wait, blocks until it is DONE or FAILED or the timeout passes.
+        """Federation state; with wait, blocks while nothing is asked of the site (OPEN, CLOSING, CURVES once its curves are in)
+        or until the timeout passes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
