@@ -110,4 +110,7 @@ def load_config(file: str | Path) -> CoordinatorConfig:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
-        raise RMMError(f"invalid config at {where or 'top level'}: {first['msg']}", file=file) from None
+        # Configs written before the options moved under `merge:` name them flat: say where they go now.
+        moved = first["type"] == "extra_forbidden" and first["loc"][-1] in MergeOptions.model_fields
+        hint = f"; merge options go under merge: (merge: {{{first['loc'][-1]}: ...}})" if moved else ""
+        raise RMMError(f"invalid config at {where or 'top level'}: {first['msg']}{hint}", file=file) from None

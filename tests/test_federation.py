@@ -234,7 +234,7 @@ def test_a_federation_holds_its_merge_options_as_rmm_merge_reads_them(tmp_path):
     one_line = r"fed\.yaml: invalid config at federations\.0\.merge: .*canonicalize apply to method rmm-paper[^\n]*$"
     with pytest.raises(RMMError, match=one_line):
         load("merge: {method: auto, canonicalize: true}")
-    with pytest.raises(RMMError, match=r"at federations\.0\.storage_ratio: Extra inputs are not permitted"):
+    with pytest.raises(RMMError, match=r"at federations\.0\.storage_ratio: Extra inputs are not permitted; merge options go under merge:"):
         load("storage_ratio: 0.5")
 
 
