@@ -50,11 +50,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from coordinator.config import FederationConfig
 from protos.rmm.v1 import federation_pb2 as pb
 from protos.rmm.v1.wire import MAX_CHUNK
-from rmm.bundle import BASIS_FILE, FACTORS, ModuleEntry
+from rmm.bundle import BASIS_FILE, ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import atomic_dir, open_safetensors, read_tensor, safe_name, sha256_file
 from rmm.payload import aggregate, check_round_payload, read_payload, write_bases, write_plan
 from rmm.plan import plan_modules
+from rmm.storage import FACTORS
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -31,11 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rmm.errors import RMMError
 from rmm.io import safe_name, sha256_file
+from rmm.storage import KINDS
 
 FORMAT = "rmm-bundle/2"  # 2: the sha256 of every file (`files`)
 MANIFEST = "manifest.json"
 BASIS_FILE = "basis.safetensors"
-FACTORS = ("B", "A")  # B positions are rows of lora_B, A positions are columns of lora_A
 
 
 def coefficients_file(bundle: Path, task: str) -> Path:
@@ -107,14 +107,13 @@ class ModuleEntry(_Strict):
     in_features: Positive
     rank: Positive  # largest rank over tasks; lower ranks are zero-padded after folding scaling
     p: Count  # basis size of a "shared" module (0 otherwise)
-    method: Literal["shared", "truncate", "joint"] = "shared"
+    method: Literal[tuple(KINDS)] = "shared"  # its storage kind, by its name in the registry
     ranks: dict[str, Count] | None = None  # "truncate": task -> the rank it keeps
     size: tuple[Count, Count] | None = None  # "joint": (Ku, Kv) shared directions on the out and in sides
 
     @model_validator(mode="after")
     def _described(self) -> "ModuleEntry":
-        if self.method == "truncate" and self.ranks is None or self.method == "joint" and self.size is None:
-            raise ValueError(f"module {self.name!r} is stored as {self.method} without its {'ranks' if self.method == 'truncate' else 'size'}")
+        KINDS[self.method].check(self)
         return self
 
 
@@ -157,8 +156,7 @@ class Manifest(_Strict):
             if twice is not None:
                 raise ValueError(f"{what} {twice!r} is listed twice")
         for m in self.modules:
-            if m.method == "truncate" and m.ranks.keys() != set(names):
-                raise ValueError(f"module {m.name!r} gives ranks for other tasks than the manifest's")
+            KINDS[m.method].check_tasks(m, names)
             if m.name not in self.report.energy:
                 raise ValueError(f"report.energy has no entry for module {m.name!r}")
         missing = [f for f in bundle_files(self.tasks) if f not in self.files]

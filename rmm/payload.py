@@ -30,7 +30,7 @@ from typing import Iterator, Literal
 import torch
 
 from rmm.adapter import LoraAdapter
-from rmm.bundle import FACTORS, ModuleEntry
+from rmm.bundle import ModuleEntry
 from rmm.errors import RMMError
 from rmm.io import StreamingWriter, open_safetensors, read_tensor
 from rmm.allocate import allocate
@@ -38,6 +38,7 @@ from rmm.canonical import canonicalize, singular_values
 from rmm.plan import PLAN, planned_modules, stack_factors
 from rmm.solver import Moments, decode, encode, solve, summary_specs
 from rmm import storage
+from rmm.storage import FACTORS
 
 Upload = Literal["moments", "sketch", "factors"]
 UPLOADS = ("moments", "sketch", "factors")

@@ -1,10 +1,10 @@
-"""The storage kinds' registry against the manifest's schema, and each kind's number formula against its tensors."""
+"""The storage kinds' registry behind the manifest's schema, and each kind's number formula against its tensors."""
 
 import math
-from typing import get_args
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from rmm.bundle import ModuleEntry
 from rmm.storage import KINDS, basis_specs, coef_specs
@@ -12,8 +12,18 @@ from rmm.storage import KINDS, basis_specs, coef_specs
 TASKS = ["a", "b", "c"]
 
 
-def test_the_manifest_knows_every_registered_kind():
-    assert set(get_args(ModuleEntry.model_fields["method"].annotation)) == set(KINDS)
+@pytest.mark.parametrize(
+    ("entry", "refusal"),
+    [
+        ({"method": "truncate"}, "truncate without its ranks"),
+        ({"method": "joint"}, "joint without its size"),
+        ({"method": "dense"}, "'truncate', 'joint' or 'shared'"),
+    ],
+)
+def test_the_manifest_refuses_an_entry_its_kind_cannot_store(entry, refusal):
+    """The schema takes its kinds' names and checks from the registry."""
+    with pytest.raises(ValidationError, match=refusal):
+        ModuleEntry(name="m", out_features=7, in_features=11, rank=4, p=0, **entry)
 
 
 @pytest.mark.parametrize(

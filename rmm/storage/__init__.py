@@ -5,19 +5,23 @@
     joint.py     shared U, V per module, a small core per task
     shared.py    the paper's per-position basis
 
-A new kind is one file beside these plus one line in `KINDS` (and its name in `ModuleEntry.method`, the
-manifest's schema).
+A new kind is one file beside these plus one line in `KINDS`; the manifest's schema (`rmm.bundle`) takes its
+name and its checks from here.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from rmm.bundle import ModuleEntry
-from rmm.storage.base import Choice, Curves, Specs, StorageKind
+from rmm.storage.base import FACTORS, Choice, Curves, Specs, StorageKind
 from rmm.storage.joint import Joint
 from rmm.storage.shared import Shared
 from rmm.storage.truncate import Truncate
+
+if TYPE_CHECKING:
+    from rmm.bundle import ModuleEntry
 
 # In this order the allocator breaks ties between equally good options.
 KINDS: dict[str, StorageKind] = {
@@ -26,7 +30,7 @@ KINDS: dict[str, StorageKind] = {
     "shared": Shared(),
 }
 
-__all__ = ["KINDS", "Choice", "Curves", "StorageKind", "basis_specs", "coef_specs", "kind", "rebuild"]
+__all__ = ["FACTORS", "KINDS", "Choice", "Curves", "StorageKind", "basis_specs", "coef_specs", "kind", "rebuild"]
 
 
 def kind(mod: ModuleEntry) -> StorageKind:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rmm.adapter import LoraAdapter
     from rmm.bundle import ModuleEntry
 
+FACTORS = ("B", "A")  # B positions are rows of lora_B, A positions are columns of lora_A
 Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # suffix -> (dtype, shape)
 Factors = tuple[torch.Tensor, torch.Tensor]  # all tasks' (B, A) of one module: (T, out, r), (T, r, in)
 Read = Callable[[str], torch.Tensor]  # suffix -> tensor of one module, from a file
@@ -59,6 +60,12 @@ class StorageKind(ABC):
     canonical: bool
 
     # --- the bundle ---------------------------------------------------------------------------------
+
+    def check(self, mod: ModuleEntry) -> None:
+        """Raise ValueError if the manifest's entry lacks what this kind needs (`ModuleEntry` validates with it)."""
+
+    def check_tasks(self, mod: ModuleEntry, tasks: list[str]) -> None:
+        """Raise ValueError if the entry does not fit the manifest's tasks (`Manifest` validates with it)."""
 
     @abstractmethod
     def basis_specs(self, mod: ModuleEntry, dtype: torch.dtype) -> Specs:

@@ -96,6 +96,10 @@ class Joint(StorageKind):
     name = "joint"
     canonical = True
 
+    def check(self, mod):
+        if mod.size is None:
+            raise ValueError(f"module {mod.name!r} is stored as joint without its size")
+
     def basis_specs(self, mod, dtype):
         return {"U": (dtype, (mod.out_features, mod.size[0])), "V": (dtype, (mod.in_features, mod.size[1]))}
 

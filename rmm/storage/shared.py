@@ -14,13 +14,12 @@ from functools import partial, reduce
 
 import torch
 
-from rmm.bundle import FACTORS
 from rmm.metrics import relative_error
 from rmm.solver import (
     Basis, Moments, coefficients, decode, encode, energy_kept, reconstruct, smallest_exact, solve, storage_numbers,
     summary_specs,
 )
-from rmm.storage.base import Choice, Curves, StorageKind
+from rmm.storage.base import FACTORS, Choice, Curves, StorageKind
 
 
 def shared_errors(B: torch.Tensor, A: torch.Tensor, bases: tuple[Basis, Basis]) -> torch.Tensor:

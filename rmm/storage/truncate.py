@@ -11,10 +11,14 @@ import math
 
 import torch
 
-from rmm.bundle import FACTORS, ModuleEntry
+from typing import TYPE_CHECKING
+
 from rmm.canonical import singular_values
 from rmm.errors import RMMError
-from rmm.storage.base import Choice, Curves, StorageKind
+from rmm.storage.base import FACTORS, Choice, Curves, StorageKind
+
+if TYPE_CHECKING:
+    from rmm.bundle import ModuleEntry
 
 
 def truncation_errors(S: torch.Tensor) -> torch.Tensor:
@@ -32,6 +36,14 @@ def plain_rank(rank: int, ratio: float) -> int:
 class Truncate(StorageKind):
     name = "truncate"
     canonical = True
+
+    def check(self, mod):
+        if mod.ranks is None:
+            raise ValueError(f"module {mod.name!r} is stored as truncate without its ranks")
+
+    def check_tasks(self, mod, tasks):
+        if mod.ranks.keys() != set(tasks):
+            raise ValueError(f"module {mod.name!r} gives ranks for other tasks than the manifest's")
 
     def basis_specs(self, mod, dtype):
         return {}
