@@ -9,9 +9,17 @@ from pathlib import Path
 def register(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks: quality suites against every baseline")
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True, metavar="VERB")
-    p = bench_verbs.add_parser("quality", help="build (once, cached) and score the quality suites; results in benchmarks/results/")
+    p = bench_verbs.add_parser(
+        "quality", help="build (once, cached) and score the quality suites; results in benchmarks/results/"
+    )
     p.add_argument("suites", nargs="*", metavar="SUITE", help="few, many, hetero, pt-svd, released (default: all)")
-    p.add_argument("--work", type=Path, default=Path(".cache/quality/work"), metavar="DIR", help="scratch space for candidates' outputs")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path(".cache/quality/work"),
+        metavar="DIR",
+        help="scratch space for candidates' outputs",
+    )
     p.set_defaults(run=_quality)
 
 

@@ -61,12 +61,26 @@ def ray_head(temp_dir: Path, cpus: int, object_store_bytes: int, timeout: float 
     """One Ray head for this run only: its own temp dir and ports (none of Ray's fixed defaults, so
     other clusters on the machine are untouched); yields (GCS address, the `ray start` process)."""
     port = free_port()
-    services = ("ray-client-server", "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export", "runtime-env-agent")
+    services = (
+        "ray-client-server",
+        "dashboard-agent-listen",
+        "dashboard-agent-grpc",
+        "metrics-export",
+        "runtime-env-agent",
+    )
     ports = {k: free_port() for k in services}
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
-        f"--object-store-memory={object_store_bytes}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
-        "--disable-usage-stats", *(f"--{k}-port={v}" for k, v in ports.items()),
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--num-cpus={cpus}",
+        f"--object-store-memory={object_store_bytes}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        *(f"--{k}-port={v}" for k, v in ports.items()),
     ]
     head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -167,7 +181,17 @@ def _rss(pid: int) -> int:
 def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int = 1, timeout: float = 600.0) -> dict:
     """The whole load test under `work`; raises if any site fails or differs from the central merge."""
     work.mkdir(parents=True, exist_ok=True)
-    spec = Spec(kind="peft", layers=2, hidden=64, tasks=sites * tasks, rank=4, lora_alpha=8, dtype="float32", shared_rank=2, seed=0)
+    spec = Spec(
+        kind="peft",
+        layers=2,
+        hidden=64,
+        tasks=sites * tasks,
+        rank=4,
+        lora_alpha=8,
+        dtype="float32",
+        shared_rank=2,
+        seed=0,
+    )
     dirs, _ = write_peft_adapters(spec, work / "adapters", log=lambda *_: None)
     options = MergeOptions(storage_ratio=0.5)  # the default method, auto
     central = work / "central"
@@ -179,33 +203,64 @@ def run(sites: int, work: Path, *, tasks: int = 1, cpus: int = 2, threads: int =
     adapters = open_adapters(dirs)
     port = free_port()
     federation = FederationConfig(
-        id=FEDERATION, base_model=adapters[0].base_model or "", modules=module_specs(adapters), merge=options,
-        sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()}, min_sites=sites, deadline_seconds=timeout,
+        id=FEDERATION,
+        base_model=adapters[0].base_model or "",
+        modules=module_specs(adapters),
+        merge=options,
+        sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()},
+        min_sites=sites,
+        deadline_seconds=timeout,
     )
     config = CoordinatorConfig(port=port, state_dir=work / "state", insecure=True, federations=[federation])
     (work / "coordinator.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
     # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX allows 107 bytes).
     procs: dict[str, subprocess.Popen] = {}
-    with tempfile.TemporaryDirectory(prefix="rmm-ray-") as ray_tmp, ray_head(Path(ray_tmp), cpus, 128 * MIB) as (ray_address, head):
+    with (
+        tempfile.TemporaryDirectory(prefix="rmm-ray-") as ray_tmp,
+        ray_head(Path(ray_tmp), cpus, 128 * MIB) as (ray_address, head),
+    ):
         with coordinator(work / "coordinator.yaml", port, work / "coordinator.log"), PeakRSS(procs, head) as memory:
             clock = time.perf_counter()
             for i, name in enumerate(names):
-                site = ["--site", name, "--adapters", *map(str, dirs[i * tasks:(i + 1) * tasks]), "--out", str(work / name)]
-                common = ["--coordinator", f"127.0.0.1:{port}", "--federation", FEDERATION, "--insecure", "--ray-address", ray_address]
-                procs[name] = _start_site([*site, *common, "--threads", str(threads), "--json"], tokens[name], work / name)
+                site = [
+                    "--site",
+                    name,
+                    "--adapters",
+                    *map(str, dirs[i * tasks : (i + 1) * tasks]),
+                    "--out",
+                    str(work / name),
+                ]
+                common = [
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--federation",
+                    FEDERATION,
+                    "--insecure",
+                    "--ray-address",
+                    ray_address,
+                ]
+                procs[name] = _start_site(
+                    [*site, *common, "--threads", str(threads), "--json"], tokens[name], work / name
+                )
             codes = _finish(procs, clock + timeout)
             seconds = time.perf_counter() - clock
     failed = {n: (work / f"{n}.log").read_text()[-2000:] for n, rc in codes.items() if rc != 0}
     if failed:
-        raise RuntimeError(f"{len(failed)} of {sites} sites failed: " + "\n".join(f"{n} (exit {codes[n]}): {e}" for n, e in failed.items()))
+        raise RuntimeError(
+            f"{len(failed)} of {sites} sites failed: "
+            + "\n".join(f"{n} (exit {codes[n]}): {e}" for n, e in failed.items())
+        )
     worst = 0.0
     for name in names:
         for task in json.loads((work / f"{name}.json").read_text())["sites"][0]["tasks"]:
             worst = max(worst, _relative_difference(work / name / "reverted" / task, central / "reverted" / task))
     site_rss, actor_rss = sorted(memory.site_peak.values()), sorted(memory.actor_peak.values())
     return {
-        "sites": sites, "tasks_per_site": tasks, "ray_cpus": cpus, "threads_per_actor": threads,
+        "sites": sites,
+        "tasks_per_site": tasks,
+        "ray_cpus": cpus,
+        "threads_per_actor": threads,
         "adapter": {"layers": spec.layers, "hidden": spec.hidden, "rank": spec.rank, "modules": len(spec.modules)},
         "wall_seconds": seconds,
         "max_relative_dW_difference_to_merge": worst,
@@ -241,21 +296,28 @@ def render(result: dict, command: str) -> str:
     def spread(xs: list[int]) -> str:
         return f"{xs[len(xs) // 2] / MIB:.0f} MiB (max {xs[-1] / MIB:.0f})" if xs else "n/a"
 
-    return "\n".join([
-        f"`{command}`",
-        "",
-        "| sites | tasks / site | Ray CPUs | wall time | site process peak RSS, median (max) | its actor's peak RSS, median (max) "
-        "| Ray cluster peak RSS (all actors included) | host memory used: peak increase (per site) "
-        "| max rel. dW difference to `rmm merge` |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {result['sites']} | {result['tasks_per_site']} | {result['ray_cpus']} | {result['wall_seconds']:.1f} s | {spread(site)} "
-        f"| {spread(actor)} | {result['ray_cluster_peak_rss_bytes'] / GIB:.2f} GiB "
-        f"| {host / GIB:.2f} GiB ({host / result['sites'] / MIB:.0f} MiB) | {result['max_relative_dW_difference_to_merge']:.1e} |",
-        "",
-        "RSS counts shared pages (the Python, torch and Ray libraries) in every process, so sums of it overstate the host's memory;",
-        "the host's used memory is measured from just before the sites start (other programs on the host included).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"`{command}`",
+            "",
+            "| sites | tasks / site | Ray CPUs | wall time | site process peak RSS, median (max) "
+            "| its actor's peak RSS, median (max) "
+            "| Ray cluster peak RSS (all actors included) | host memory used: peak increase (per site) "
+            "| max rel. dW difference to `rmm merge` |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {result['sites']} | {result['tasks_per_site']} | {result['ray_cpus']} | {result['wall_seconds']:.1f} "
+            f"s | {spread(site)} "
+            f"| {spread(actor)} | {result['ray_cluster_peak_rss_bytes'] / GIB:.2f} GiB "
+            f"| {host / GIB:.2f} GiB ({host / result['sites'] / MIB:.0f} MiB) | "
+            f"{result['max_relative_dW_difference_to_merge']:.1e} |",
+            "",
+            "RSS counts shared pages (the Python, torch and Ray libraries) in every process, so sums of it "
+            "overstate the host's memory;",
+            "the host's used memory is measured from just before the sites start (other programs on the host "
+            "included).",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -269,7 +331,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     command = shlex.join(["benchmarks/many_sites.py", *(argv if argv is not None else sys.argv[1:])])
     with tempfile.TemporaryDirectory(prefix="rmm-many-sites-") as work:
-        result = run(args.sites, Path(work), tasks=args.tasks, cpus=args.cpus, threads=args.threads, timeout=args.timeout)
+        result = run(
+            args.sites, Path(work), tasks=args.tasks, cpus=args.cpus, threads=args.threads, timeout=args.timeout
+        )
     result |= {"command": command, "machine": machine_info()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "many_sites.json").write_text(json.dumps(result, indent=2) + "\n")

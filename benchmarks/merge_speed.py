@@ -97,7 +97,7 @@ class Spec:
     @property
     def modules(self) -> list[str]:
         """PEFT key prefixes of a Llama model's attention projections."""
-        return [f"base_model.model.model.layers.{l}.self_attn.{p}" for l in range(self.layers) for p in PROJECTIONS]
+        return [f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(self.layers) for p in PROJECTIONS]
 
     @property
     def bytes_per_module(self) -> int:
@@ -114,7 +114,8 @@ class Spec:
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return f"{self.kind}-L{self.layers}-H{self.hidden}-T{self.tasks}-r{self.rank}-{self.dtype}-{hashlib.sha256(blob).hexdigest()[:10]}"
+        digest = hashlib.sha256(blob).hexdigest()[:10]
+        return f"{self.kind}-L{self.layers}-H{self.hidden}-T{self.tasks}-r{self.rank}-{self.dtype}-{digest}"
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -164,7 +165,9 @@ def _cached(root: Path, spec: Spec) -> list[Path] | None:
         try:
             if json.loads(marker.read_text()) == dataclasses.asdict(spec):
                 dirs = [root / n for n in task_names(spec)]
-                if all((d / "adapter_model.safetensors").is_file() and (d / "adapter_config.json").is_file() for d in dirs):
+                if all(
+                    (d / "adapter_model.safetensors").is_file() and (d / "adapter_config.json").is_file() for d in dirs
+                ):
                     return dirs
         except json.JSONDecodeError:
             pass
@@ -231,7 +234,13 @@ def write_peft_adapters(spec: Spec, cache: Path, log) -> tuple[list[Path], bool]
         return dirs, True
     model = get_peft_model(
         tiny_llama(spec),
-        LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"),
+        LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(PROJECTIONS),
+            task_type="CAUSAL_LM",
+        ),
     )
     layers = dict(model.named_modules())
     with atomic_dir(root) as tmp:
@@ -342,7 +351,9 @@ def _child_merge(conn, dirs: list[str], out: str, setting: dict, threads: int) -
             rss_trace=trace[::step] + trace[-1:] if trace and (len(trace) - 1) % step else trace[::step],
             baseline_rss=baseline,
             peak_rss=hwm if (reset and hwm is not None) else maxrss,
-            peak_rss_source="VmHWM after clear_refs" if (reset and hwm is not None) else "ru_maxrss (includes start-up)",
+            peak_rss_source="VmHWM after clear_refs"
+            if (reset and hwm is not None)
+            else "ru_maxrss (includes start-up)",
             ru_maxrss=maxrss,
             threads=torch.get_num_threads(),
         )
@@ -394,7 +405,9 @@ def settings_from_args(args) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def peft_comparison(spec: Spec, dirs: list[Path], settings: list[dict], combos: list[str], repeats: int, work: Path, log) -> dict:
+def peft_comparison(
+    spec: Spec, dirs: list[Path], settings: list[dict], combos: list[str], repeats: int, work: Path, log
+) -> dict:
     from peft import PeftModel
 
     names = task_names(spec)
@@ -434,13 +447,23 @@ def peft_comparison(spec: Spec, dirs: list[Path], settings: list[dict], combos: 
             peft_times[combo].append(peft_call(combo, i))
         for s in settings:
             rmm_runs[setting_label(s)].append(rmm_call(s, i))
-        log(f"  round {i + 1}/{repeats}: " + ", ".join(f"peft {c} {peft_times[c][-1]:.2f} s" for c in combos) + ", "
-            + ", ".join(f"rmm {k} {v[-1]['wall_s']:.2f} s" for k, v in rmm_runs.items()))
-    del model
+        log(
+            f"  round {i + 1}/{repeats}: "
+            + ", ".join(f"peft {c} {peft_times[c][-1]:.2f} s" for c in combos)
+            + ", "
+            + ", ".join(f"rmm {k} {v[-1]['wall_s']:.2f} s" for k, v in rmm_runs.items())
+        )
+    model = None  # drop the PeftModel (peft_call's closure holds the name) before the next measurement
     gc.collect()
-    return {"load_s": load_s, "peft_s": peft_times, "rmm": rmm_runs, "weights": weights,
-            "peft_call": "add_weighted_adapter(adapters, weights=[1/T]*T, adapter_name, combination_type=C) with PEFT's defaults "
-                         "(svd: svd_rank = max rank, svd_full_matrices=True)"}
+    return {
+        "load_s": load_s,
+        "peft_s": peft_times,
+        "rmm": rmm_runs,
+        "weights": weights,
+        "peft_call": "add_weighted_adapter(adapters, weights=[1/T]*T, adapter_name, combination_type=C) "
+        "with PEFT's defaults "
+        "(svd: svd_rank = max rank, svd_full_matrices=True)",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +527,8 @@ def render(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['ram_total_gib']} GiB RAM; torch {m['torch']}, "
         f"{m['torch_threads']} torch threads; peft {m['peft']}, transformers {m['transformers']}; "
         f"load average at start {m['load_average']}, at end {results.get('load_average_end')}"
-        + (f"; env {m['env']}" if m["env"] else "") + ".",
+        + (f"; env {m['env']}" if m["env"] else "")
+        + ".",
         f"Run: {results['started']}, total wall time {results.get('total_wall_s', float('nan')):.0f} s.",
         "",
     ]
@@ -515,14 +539,17 @@ def render(results: dict) -> str:
             f"### rmm.merge, large shape: {s['layers']} layers x {{q,k,v,o}}_proj of {s['hidden']} x {s['hidden']}, "
             f"r = {s['rank']}, T = {s['tasks']}, {s['dtype']}",
             "",
-            f"Adapters: {fmt_bytes(large['bytes_total'])} in all ({fmt_bytes(large['bytes_per_adapter'])} each); one module of all "
+            f"Adapters: {fmt_bytes(large['bytes_total'])} in all ({fmt_bytes(large['bytes_per_adapter'])} each); one "
+            "module of all "
             f"T adapters: {fmt_bytes(large['bytes_one_module_all_tasks'])} as stored, "
             f"{fmt_bytes(large['bytes_one_module_all_tasks_f64'])} in float64 (merge works in float64). "
-            f"Each merge runs in a fresh spawned process; {'reused cached' if large['reused'] else 'freshly written'} adapters "
+            "Each merge runs in a fresh spawned process; "
+            f"{'reused cached' if large['reused'] else 'freshly written'} adapters "
             "(warm page cache). Peak RSS is measured during the merge only (interpreter and imports excluded from "
             "'increase'); times are best of the repeats.",
             "",
-            "| setting | p used | merge wall (s) | open / solve / write (s) | storage ratio | bundle tensors | mean rel. err dW "
+            "| setting | p used | merge wall (s) | open / solve / write (s) | storage ratio | bundle tensors "
+            "| mean rel. err dW "
             "| peak RSS | increase over baseline | increase / all adapters | increase / one module of all T "
             "| RSS at 25 / 50 / 75 / 100% of the merge |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -532,10 +559,12 @@ def render(results: dict) -> str:
             inc = max(r["peak_rss"] - r["baseline_rss"] for r in runs)
             st = r0["stages_s"]
             lines.append(
-                f"| {label} | {','.join(map(str, r0['p']))} | {r0['wall_s']:.1f} | {st.get('open', 0):.1f} / {st.get('solve', 0):.1f} / {st.get('write', 0):.1f} "
+                f"| {label} | {','.join(map(str, r0['p']))} | {r0['wall_s']:.1f} | {st.get('open', 0):.1f} / "
+                f"{st.get('solve', 0):.1f} / {st.get('write', 0):.1f} "
                 f"| {r0['storage_ratio']:.3f} | {fmt_bytes(r0['bytes_stored'])} | {r0['mean_rel_error']:.3g} "
                 f"| {fmt_bytes(max(r['peak_rss'] for r in runs))} "
-                f"| {fmt_bytes(inc)} | {inc / large['bytes_total']:.2f}x | {inc / large['bytes_one_module_all_tasks']:.1f}x "
+                f"| {fmt_bytes(inc)} | {inc / large['bytes_total']:.2f}x | "
+                f"{inc / large['bytes_one_module_all_tasks']:.1f}x "
                 f"| {rss_quartiles(r0)} |"
             )
         lines.append("")
@@ -544,10 +573,12 @@ def render(results: dict) -> str:
         s = small["spec"]
         combos = list(small["peft_s"])
         lines += [
-            f"### rmm.merge vs PEFT add_weighted_adapter: tiny LlamaForCausalLM, {s['layers']} layers x {{q,k,v,o}}_proj of "
+            f"### rmm.merge vs PEFT add_weighted_adapter: tiny LlamaForCausalLM, {s['layers']} layers x "
+            f"{{q,k,v,o}}_proj of "
             f"{s['hidden']} x {s['hidden']}, r = {s['rank']}, T = {s['tasks']}, float32",
             "",
-            f"Same adapter directories, same process, {small['repeats']} round-robin rounds after one warm-up; best of the rounds. "
+            f"Same adapter directories, same process, {small['repeats']} round-robin rounds after one warm-up; best "
+            "of the rounds. "
             "PEFT times only the add_weighted_adapter call on adapters already loaded (weights 1/T); rmm.merge "
             "times the whole call from the directories (open + sha256, solve, write the bundle), with its solve stage "
             "alone in the last column.",
@@ -566,7 +597,9 @@ def render(results: dict) -> str:
             t = best([r["wall_s"] for r in runs])
             solve = best([r["stages_s"].get("solve", float("nan")) for r in runs])
             lines.append(
-                f"| rmm.merge {label} | {t:.3f} | " + " | ".join(f"{t / peft_best[o]:.2f}" for o in combos) + f" | {solve:.3f} |"
+                f"| rmm.merge {label} | {t:.3f} | "
+                + " | ".join(f"{t / peft_best[o]:.2f}" for o in combos)
+                + f" | {solve:.3f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -578,7 +611,9 @@ def render(results: dict) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = ap.add_argument_group("large shape (rmm.merge speed and peak RSS)")
     g.add_argument("--layers", type=int, default=32, help="decoder layers (4 adapted projections each)")
     g.add_argument("--hidden", type=int, default=4096, help="hidden size; every projection is hidden x hidden")
@@ -588,7 +623,9 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the large synthetic adapters")
     g.add_argument("--shared-rank", type=int, default=3, help="task latent size K of the shared structure")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--repeats", type=int, default=1, help="merges per setting at the large shape (one fresh process each)")
+    g.add_argument(
+        "--repeats", type=int, default=1, help="merges per setting at the large shape (one fresh process each)"
+    )
     g.add_argument("--skip-large", action="store_true")
     s = ap.add_argument_group("merge settings (timed at both shapes)")
     s.add_argument("--basis-size", type=int, nargs="*", default=[4], help="MergeOptions.basis_size values")
@@ -601,11 +638,19 @@ def parse_args(argv=None):
     p.add_argument("--peft-repeats", type=int, default=3)
     p.add_argument("--skip-peft", action="store_true")
     o = ap.add_argument_group("environment and output")
-    o.add_argument("--threads", type=int, default=1,
-                   help="torch threads for every merge (0: torch's default, one per core). 1 by default: on a shared "
-                        "machine, multi-threaded small ops wait on descheduled threads and times become noise")
-    o.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "benchmarks" / "merge_speed",
-                   help="where the synthetic adapters are kept (and reused) and bundles are written")
+    o.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every merge (0: torch's default, one per core). 1 by default: on a shared "
+        "machine, multi-threaded small ops wait on descheduled threads and times become noise",
+    )
+    o.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=ROOT / ".cache" / "benchmarks" / "merge_speed",
+        help="where the synthetic adapters are kept (and reused) and bundles are written",
+    )
     o.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     o.add_argument("--no-save", action="store_true", help="print the table only")
     return ap.parse_args(argv)
@@ -634,18 +679,32 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bundles-", dir=args.cache_dir))
     try:
         if not args.skip_large:
-            spec = Spec("safetensors", args.layers, args.hidden, args.tasks, args.rank, args.lora_alpha, args.dtype,
-                        args.shared_rank, args.seed)
+            spec = Spec(
+                "safetensors",
+                args.layers,
+                args.hidden,
+                args.tasks,
+                args.rank,
+                args.lora_alpha,
+                args.dtype,
+                args.shared_rank,
+                args.seed,
+            )
             bundle_bytes = int(spec.bytes_total * 1.2) + 64 * MIB  # a bundle is smaller than its inputs at p < r
             need = (0 if _cached(args.cache_dir / spec.key(), spec) else spec.bytes_total) + bundle_bytes
             free = shutil.disk_usage(args.cache_dir).free
-            log(f"large shape: {len(spec.modules)} modules, {fmt_bytes(spec.bytes_total)} of adapters "
+            log(
+                f"large shape: {len(spec.modules)} modules, {fmt_bytes(spec.bytes_total)} of adapters "
                 f"({fmt_bytes(spec.bytes_per_adapter)} x {spec.tasks}); needs ~{fmt_bytes(need)} of disk, "
-                f"{fmt_bytes(free)} free at {args.cache_dir}")
+                f"{fmt_bytes(free)} free at {args.cache_dir}"
+            )
             if free < need + GIB:
-                log(f"not enough free disk at {args.cache_dir}: need ~{fmt_bytes(need + GIB)} (with 1 GiB margin), have "
+                log(
+                    f"not enough free disk at {args.cache_dir}: need ~{fmt_bytes(need + GIB)} (with 1 GiB margin), "
+                    "have "
                     f"{fmt_bytes(free)}. Shrink with --layers / --hidden / --tasks, use --dtype bfloat16, or point "
-                    "--cache-dir elsewhere.")
+                    "--cache-dir elsewhere."
+                )
                 return 2
             clock = time.perf_counter()
             dirs, reused = write_safetensors_adapters(spec, args.cache_dir, log)
@@ -657,9 +716,12 @@ def main(argv=None) -> int:
                 for i in range(args.repeats):
                     r = merge_in_child(dirs, work / "bundle-large", setting, args.threads)
                     runs.setdefault(label, []).append(r)
-                    log(f"  rmm.merge {label} [{i + 1}/{args.repeats}]: {r['wall_s']:.1f} s "
-                        f"(open {r['stages_s']['open']:.1f}, solve {r['stages_s']['solve']:.1f}, write {r['stages_s']['write']:.1f}), "
-                        f"peak RSS {fmt_bytes(r['peak_rss'])} (baseline {fmt_bytes(r['baseline_rss'])})")
+                    log(
+                        f"  rmm.merge {label} [{i + 1}/{args.repeats}]: {r['wall_s']:.1f} s "
+                        f"(open {r['stages_s']['open']:.1f}, solve {r['stages_s']['solve']:.1f}, write "
+                        f"{r['stages_s']['write']:.1f}), "
+                        f"peak RSS {fmt_bytes(r['peak_rss'])} (baseline {fmt_bytes(r['baseline_rss'])})"
+                    )
             one_module = spec.bytes_per_module * spec.tasks
             results["large"] = {
                 "spec": dataclasses.asdict(spec),
@@ -673,13 +735,30 @@ def main(argv=None) -> int:
                 "runs": runs,
             }
         if not args.skip_peft:
-            spec = Spec("peft", args.peft_layers, args.peft_hidden, args.tasks, args.rank, args.lora_alpha, "float32",
-                        args.shared_rank, args.seed)
-            log(f"PEFT comparison: {len(spec.modules)} modules of {spec.hidden} x {spec.hidden}, T = {spec.tasks}, r = {spec.rank}")
+            spec = Spec(
+                "peft",
+                args.peft_layers,
+                args.peft_hidden,
+                args.tasks,
+                args.rank,
+                args.lora_alpha,
+                "float32",
+                args.shared_rank,
+                args.seed,
+            )
+            log(
+                f"PEFT comparison: {len(spec.modules)} modules of {spec.hidden} x {spec.hidden}, T = {spec.tasks}, r "
+                f"= {spec.rank}"
+            )
             dirs, reused = write_peft_adapters(spec, args.cache_dir, log)
             cmp = peft_comparison(spec, dirs, settings, args.peft_combinations, args.peft_repeats, work, log)
-            results["peft"] = {"spec": dataclasses.asdict(spec), "adapter_dir": str(dirs[0].parent), "reused": reused,
-                               "repeats": args.peft_repeats, **cmp}
+            results["peft"] = {
+                "spec": dataclasses.asdict(spec),
+                "adapter_dir": str(dirs[0].parent),
+                "reused": reused,
+                "repeats": args.peft_repeats,
+                **cmp,
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

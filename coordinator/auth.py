@@ -14,7 +14,11 @@ from rmm.errors import RMMError
 
 
 def authenticate(
-    context: grpc.aio.ServicerContext, federation: FederationConfig | None, federation_id: str, site_id: str, *,
+    context: grpc.aio.ServicerContext,
+    federation: FederationConfig | None,
+    federation_id: str,
+    site_id: str,
+    *,
     mutual_tls: bool,
 ) -> None:
     """Refuse the call unless its token is the site's and, under mutual TLS, its certificate too."""
@@ -55,6 +59,7 @@ def _bearer(metadata) -> str | None:
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
     """TLS from the config's files; with client_ca, clients must present a certificate it signed."""
+
     def read(path) -> bytes:
         try:
             return path.read_bytes()

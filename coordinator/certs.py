@@ -20,7 +20,9 @@ from rmm.errors import RMMError
 VALID_DAYS = 365
 
 
-def make_dev_certs(out_dir: str | Path, sites: list[str], hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> dict[str, Path]:
+def make_dev_certs(
+    out_dir: str | Path, sites: list[str], hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> dict[str, Path]:
     """Write ca.pem/ca.key, server.pem/server.key (SANs: `hosts`) and sites/<site>.pem/.key (CN = site id).
 
     Returns their paths under the keys "ca_cert", "ca_key", "server_cert", "server_key",
@@ -32,7 +34,10 @@ def make_dev_certs(out_dir: str | Path, sites: list[str], hosts: tuple[str, ...]
         raise RMMError("already holds a development CA; remove the directory or choose another one", file=out)
     reserved = {"ca", "server"} & set(sites)
     if reserved:
-        raise RMMError(f"site id {reserved.pop()!r} would share its key names with the CA or server files; name the site differently")
+        raise RMMError(
+            f"site id {reserved.pop()!r} would share its key names with the CA or server files; name the site "
+            "differently"
+        )
     (out / "sites").mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rmm development CA")])
@@ -84,8 +89,15 @@ def _builder(subject: x509.Name, issuer: x509.Name, key) -> x509.CertificateBuil
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-        key_agreement=not cert_sign, key_cert_sign=cert_sign, crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 

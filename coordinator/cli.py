@@ -16,10 +16,17 @@ def register(verbs) -> None:
     s.add_argument("--port", type=int, help="overrides port in the config")
     s.set_defaults(run=_serve)
 
-    c = verbs.add_parser("certs", help="make a development CA, a server certificate and one client certificate per site")
+    c = verbs.add_parser(
+        "certs", help="make a development CA, a server certificate and one client certificate per site"
+    )
     c.add_argument("--out", required=True, type=Path, metavar="DIR")
     c.add_argument("--sites", required=True, nargs="+", metavar="ID")
-    c.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"], help="names and IPs the server certificate is valid for")
+    c.add_argument(
+        "--hosts",
+        nargs="+",
+        default=["localhost", "127.0.0.1"],
+        help="names and IPs the server certificate is valid for",
+    )
     c.set_defaults(run=_certs)
 
 

@@ -94,7 +94,10 @@ class CoordinatorConfig(_Strict):
     @model_validator(mode="after")
     def _tls(self) -> "CoordinatorConfig":
         if self.tls is None and not self.insecure:
-            raise ValueError("TLS is required: give tls.cert and tls.key (see `rmm certs`), or insecure: true for loopback development")
+            raise ValueError(
+                "TLS is required: give tls.cert and tls.key (see `rmm certs`), "
+                "or insecure: true for loopback development"
+            )
         return self
 
 

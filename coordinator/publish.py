@@ -83,6 +83,7 @@ class Publication:
 
     def _check(self, t: pb.PublishedTask, staging: Path, chunks: Path) -> TaskEntry:
         """The task's entry, once its parts are assembled in `staging` and fit the basis."""
+
         def bad(reason: str) -> Refused:
             return Refused(Reason.INVALID, f"publish {t.name}: {reason}")
 
@@ -155,15 +156,19 @@ class Publication:
         files = [self.dir / BASIS_FILE, *(coefficients_file(self.dir, t) for t in published)]
         numbers, size = (sum(c) for c in zip(*map(_tensor_counts, files)))
         originals = {
-            t.name: sum(lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features)
-                        for m in modules)
+            t.name: sum(
+                lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features) for m in modules
+            )
             for t in published.values()
         }
         original_bytes = sum(n * getattr(torch, published[t].dtype).itemsize for t, n in originals.items())
         tasks = [published[t] for t in r["tasks"] if t in published]
         storage = Storage(
-            numbers_stored=numbers, numbers_original=sum(originals.values()), ratio=numbers / sum(originals.values()),
-            bytes_stored=size, bytes_original=original_bytes,
+            numbers_stored=numbers,
+            numbers_original=sum(originals.values()),
+            ratio=numbers / sum(originals.values()),
+            bytes_stored=size,
+            bytes_original=original_bytes,
         )
         return Manifest(
             tool_version=__version__,

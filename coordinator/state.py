@@ -504,6 +504,7 @@ class FederationState:
 
     def _check_payload(self, file: Path, name: str, manifest: pb.SiteManifest, kind: str) -> int:
         """The part's task count, once it reads as a payload of `kind` that fits every module."""
+
         def bad(reason: str) -> Refused:
             return Refused(Reason.INVALID, f"part {name}: {reason}")
 
@@ -520,8 +521,10 @@ class FederationState:
                 for factor, positions in zip(FACTORS, (module.out_features, module.in_features)):
                     m, r = moments[factor], module.rank
                     if m.n != n or m.s1.shape != (positions, r) or m.s2.shape != (positions, r, r):
-                        raise bad(f"module {module.name} factor {factor} does not fit {positions} positions of "
-                                  f"rank {r} for {n} tasks")
+                        raise bad(
+                            f"module {module.name} factor {factor} does not fit {positions} positions of "
+                            f"rank {r} for {n} tasks"
+                        )
                     if not (torch.isfinite(m.s1).all() and torch.isfinite(m.s2).all()):
                         raise bad(f"module {module.name} factor {factor} holds NaN or infinite values")
         except RMMError as e:
@@ -554,8 +557,15 @@ class FederationState:
                 budget = self.config.merge.storage_ratio * sum(m.lora_numbers for m in manifests)
                 curves = self._parts(sites, self.curves, "curves")
                 bases = self.dir / "bases" / "bases.safetensors"
-                modules, energy = write_plan(parts, curves, self.config.modules, budget, bases, tmp / BASIS_FILE,
-                                             getattr(torch, self.config.basis_dtype))
+                modules, energy = write_plan(
+                    parts,
+                    curves,
+                    self.config.modules,
+                    budget,
+                    bases,
+                    tmp / BASIS_FILE,
+                    getattr(torch, self.config.basis_dtype),
+                )
             else:
                 modules = plan_modules(
                     self.config.modules,
@@ -572,7 +582,8 @@ class FederationState:
                 "energy": energy,
                 "basis_sha256": sha256_file(tmp / BASIS_FILE),
                 "basis_size": (tmp / BASIS_FILE).stat().st_size,
-                "seconds": (self.bases or {}).get("seconds", {}) | {
+                "seconds": (self.bases or {}).get("seconds", {})
+                | {
                     "collect": started - self.progress.created,
                     "aggregate": solved - clock,
                     "hash": time.perf_counter() - solved,
@@ -655,6 +666,7 @@ def _check_tasks(config: FederationConfig, m: pb.SiteManifest) -> None:
 
 def _check_manifest(config: FederationConfig, m: pb.SiteManifest, taken: set[str]) -> None:
     """Refuse a manifest that does not fit the federation; `taken`: the other sites' tasks."""
+
     def refuse(reason: str):
         raise Refused(Reason.PRECONDITION, f"manifest does not match federation {config.id}: {reason}")
 

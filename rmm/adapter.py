@@ -46,24 +46,54 @@ _REFUSED_FIELDS = {
     "use_dora": _REFUSED_KEYS["lora_magnitude_vector"],
     "lora_bias": _REFUSED_KEYS["lora_B.bias"],
     "kasa_config": "KaSA adapters (kasa_config) are not supported: their update is s * B diag(d) A, not s * B @ A",
-    "use_bdlora": "BD-LoRA adapters (use_bdlora) are not supported: their factors are block-diagonal over sharded layers",
+    "use_bdlora": "BD-LoRA adapters (use_bdlora) are not supported: "
+    "their factors are block-diagonal over sharded layers",
     "use_qalora": "QA-LoRA adapters (use_qalora) are not supported: their lora_A acts on group-pooled inputs",
-    "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not supported: their factors are sampled around the saved ones",
+    "monteclora_config": "MonteCLoRA adapters (monteclora_config) are not supported: "
+    "their factors are sampled around the saved ones",
     "arrow_config": "Arrow adapters (arrow_config) are not supported: they route each token among several LoRA experts",
     "target_parameters": "LoRA on parameters (target_parameters) is not supported; target Linear layers only",
     "layer_replication": "adapters on replicated layers (layer_replication) are not supported",
-    "megatron_config": "adapters on Megatron parallel layers (megatron_config) are not supported: their factors may be saved sharded",
+    "megatron_config": "adapters on Megatron parallel layers (megatron_config) are not supported: "
+    "their factors may be saved sharded",
 }
 # The other fields PEFT writes: metadata, which modules (and extras) are trained, initialisation (LoftQ, EVA, CorDA,
 # LoRA-GA, PiSSA, ...), training only (dropout, VeLoRA) or when the update applies (aLoRA). The saved B and A keep
 # meaning s * B @ A, and revert writes each task's own config back. Fields not listed anywhere are refused when set.
 # (r, lora_alpha and the patterns are typed by _Scaling.)
 _KNOWN_FIELDS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules", "exclude_modules",
-    "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "trainable_token_indices", "ensure_weight_tying",
-    "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
-    "alora_invocation_tokens", "megatron_core", "qalora_group_size", "runtime_config",
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "bias",
+    "trainable_token_indices",
+    "ensure_weight_tying",
+    "lora_dropout",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "velora_config",
+    "alora_invocation_tokens",
+    "megatron_core",
+    "qalora_group_size",
+    "runtime_config",
 }
 
 
@@ -154,7 +184,7 @@ class LoraAdapter:
 
 def module_name(key_prefix: str) -> str:
     """The base model's module name, as PEFT matches rank_pattern / alpha_pattern against it."""
-    return key_prefix[len(PREFIX):] if key_prefix.startswith(PREFIX) else key_prefix
+    return key_prefix[len(PREFIX) :] if key_prefix.startswith(PREFIX) else key_prefix
 
 
 def pattern_value(patterns: dict, name: str, default):
@@ -196,10 +226,21 @@ def open_adapter(path: str | Path) -> LoraAdapter:
         for marker, reason in _REFUSED_KEYS.items():
             if marker in key:
                 raise RMMError(reason, file=weights, module=key)
-        unknown = [part for part in key.split(".") if part.startswith("lora_") and part not in ("lora_A", "lora_B", *_TRAINING_ONLY)]
+        unknown = [
+            part
+            for part in key.split(".")
+            if part.startswith("lora_") and part not in ("lora_A", "lora_B", *_TRAINING_ONLY)
+        ]
         if unknown:
-            raise RMMError(f"tensor {unknown[0]!r} is not part of a plain LoRA (a variant rmm does not model); only lora_A and lora_B are", file=weights, module=key)
-    prefixes = sorted({k[: -len(_A)] for k in header if k.endswith(_A)} | {k[: -len(_B)] for k in header if k.endswith(_B)})
+            raise RMMError(
+                f"tensor {unknown[0]!r} is not part of a plain LoRA (a variant rmm does not model); only lora_A and "
+                "lora_B are",
+                file=weights,
+                module=key,
+            )
+    prefixes = sorted(
+        {k[: -len(_A)] for k in header if k.endswith(_A)} | {k[: -len(_B)] for k in header if k.endswith(_B)}
+    )
     if not prefixes:
         raise RMMError("no lora_A / lora_B weights found", file=weights)
 
@@ -210,7 +251,9 @@ def open_adapter(path: str | Path) -> LoraAdapter:
             raise RMMError(f"{missing} weight is missing", file=weights, module=prefix)
         (a_shape, _), (b_shape, _) = header[prefix + _A], header[prefix + _B]
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise RMMError(f"only Linear LoRA is supported, got lora_A {a_shape}, lora_B {b_shape}", file=weights, module=prefix)
+            raise RMMError(
+                f"only Linear LoRA is supported, got lora_A {a_shape}, lora_B {b_shape}", file=weights, module=prefix
+            )
         (r_a, n_in), (n_out, r_b) = a_shape, b_shape
         rank, scaling = lora_scaling(config, module_name(prefix))
         if not r_a == r_b == rank:
@@ -253,7 +296,9 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
     seen: dict[str, Path] = {}
     for a in adapters:
         if a.name in seen:
-            raise RMMError(f"duplicate task name {a.name!r} (also {seen[a.name]}); task names are directory names", file=a.path)
+            raise RMMError(
+                f"duplicate task name {a.name!r} (also {seen[a.name]}); task names are directory names", file=a.path
+            )
         seen[a.name] = a.path
     ref = adapters[0]
     for a in adapters[1:]:
@@ -265,7 +310,9 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
             raise RMMError(f"fan_in_fan_out differs from {ref.path}", file=a.path / CONFIG_FILE)
         for m in sorted(set(ref.modules) ^ set(a.modules)):
             has, lacks = (ref, a) if m in ref.modules else (a, ref)
-            raise RMMError(f"module set differs: present in {has.path} but not in {lacks.path}", file=a.weights_file, module=m)
+            raise RMMError(
+                f"module set differs: present in {has.path} but not in {lacks.path}", file=a.weights_file, module=m
+            )
         for m, spec in a.modules.items():
             want = ref.modules[m]
             if (spec.out_features, spec.in_features) != (want.out_features, want.in_features):
@@ -343,5 +390,7 @@ def _read_config(path: Path) -> dict:
         _Scaling.model_validate(config)
     except ValidationError as e:
         error = e.errors()[0]
-        raise RMMError(f"{'.'.join(map(str, error['loc']))!r}: {error['msg']} (got {error['input']!r:.60})", file=cfg_file) from None
+        raise RMMError(
+            f"{'.'.join(map(str, error['loc']))!r}: {error['msg']} (got {error['input']!r:.60})", file=cfg_file
+        ) from None
     return config

@@ -48,9 +48,11 @@ def allocate(modules: list[Curves], budget: float) -> list[Choice]:
     best = min(fitting, key=lambda p: sum((c.n_out + c.n_in) * sum(ch.errors) for c, ch in zip(modules, p)))
     if sum(ch.cost for ch in best) == 0:
         ratio = budget / sum(c.numbers for c in modules)
-        raise RMMError(f"storage ratio {ratio:.3g} keeps nothing (every dW error would be 1); the smallest sure to "
-                       f"keep something is {_round_up(minimum_ratio(modules))} (one direction shared by all tasks, in "
-                       "the module where that costs least)")
+        raise RMMError(
+            f"storage ratio {ratio:.3g} keeps nothing (every dW error would be 1); the smallest sure to "
+            f"keep something is {_round_up(minimum_ratio(modules))} (one direction shared by all tasks, in "
+            "the module where that costs least)"
+        )
     return best
 
 

@@ -192,7 +192,9 @@ def checked_file(bundle: Path, manifest: Manifest, file: Path) -> Path:
     if not file.is_file():
         raise RMMError("missing from the bundle", file=file)
     if sha256_file(file) != manifest.files[file.relative_to(bundle).as_posix()]:
-        raise RMMError("sha256 differs from the manifest's: the file was damaged or replaced; copy the bundle again", file=file)
+        raise RMMError(
+            "sha256 differs from the manifest's: the file was damaged or replaced; copy the bundle again", file=file
+        )
     return file
 
 
@@ -206,7 +208,9 @@ def read_manifest(bundle: str | Path) -> Manifest:
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, an int of over 4300 digits
         raise RMMError(f"unreadable JSON ({e})", file=file) from None
     if isinstance(data, dict) and data.get("format") != FORMAT:
-        raise RMMError(f"bundle format {data.get('format')!r} is not {FORMAT!r}: merge the adapters again with this rmm", file=file)
+        raise RMMError(
+            f"bundle format {data.get('format')!r} is not {FORMAT!r}: merge the adapters again with this rmm", file=file
+        )
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:

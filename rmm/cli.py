@@ -36,11 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("merge", help="merge PEFT LoRA adapters into a basis bundle")
-    p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR", help="PEFT LoRA directories; task name = directory name")
+    p.add_argument(
+        "adapters",
+        nargs="+",
+        type=Path,
+        metavar="ADAPTER_DIR",
+        help="PEFT LoRA directories; task name = directory name",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE")
-    p.add_argument("--method", choices=["auto", "rmm-paper"], help="auto (default): per module, per-task rank truncation, joint "
-                   "or per-position sharing, whichever removes the most error under one storage budget; "
-                   "rmm-paper: the paper's per-position basis (implied by --basis-size / --canonicalize)")
+    p.add_argument(
+        "--method",
+        choices=["auto", "rmm-paper"],
+        help="auto (default): per module, per-task rank truncation, joint "
+        "or per-position sharing, whichever removes the most error under one storage budget; "
+        "rmm-paper: the paper's per-position basis (implied by --basis-size / --canonicalize)",
+    )
     add_budget_args(p)
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -50,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="writes DIR/<task>/")
     p.add_argument("--task", action="append", metavar="NAME", help="task to revert (repeatable; default all)")
-    p.add_argument("--force", action="store_true", help="replace DIR/<task> if it exists (nothing else in DIR is touched)")
+    p.add_argument(
+        "--force", action="store_true", help="replace DIR/<task> if it exists (nothing else in DIR is touched)"
+    )
     p.set_defaults(run=_revert)
 
     p = verbs.add_parser("inspect", help="tasks, p, storage and reconstruction error of a bundle")
@@ -63,15 +75,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, type=Path, metavar="FT_DIR")
     p.add_argument("--rank", required=True, type=int, metavar="R")
     p.add_argument("--out", required=True, type=Path, metavar="ADAPTER_DIR")
-    p.add_argument("--target-modules", nargs="+", metavar="NAME", help="module names or suffixes (default: every changed Linear)")
+    p.add_argument(
+        "--target-modules", nargs="+", metavar="NAME", help="module names or suffixes (default: every changed Linear)"
+    )
     p.add_argument("--json", action="store_true", help="print the per-module summary as JSON on stdout")
     p.set_defaults(run=_extract)
 
-    p = verbs.add_parser("baseline", help="run a registered merging baseline (TA, TIES, DARE, Core Space, LoRE, truncation, ...)")
+    p = verbs.add_parser(
+        "baseline", help="run a registered merging baseline (TA, TIES, DARE, Core Space, LoRE, truncation, ...)"
+    )
     p.add_argument("method", nargs="?", metavar="METHOD", help="a registered method; omit with --list")
     p.add_argument("adapters", nargs="*", type=Path, metavar="ADAPTER_DIR")
     p.add_argument("--out", type=Path, metavar="DIR")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (JSON value), repeatable")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (JSON value), repeatable"
+    )
     p.add_argument("--list", action="store_true", help="list the methods and their parameters")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -87,9 +105,14 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     """--basis-size / --storage-ratio / --canonicalize, shared by every verb that builds a basis."""
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--basis-size", type=int, metavar="P", help="basis size p per position (rmm-paper)")
-    budget.add_argument("--storage-ratio", type=float, metavar="R", help="store at most R x the numbers of the original LoRAs (default 0.5); "
-                        "an R that keeps nothing is refused, naming the smallest sure to keep something (about 1 / (T r): one direction "
-                        "shared by all T tasks of rank r in one module)")
+    budget.add_argument(
+        "--storage-ratio",
+        type=float,
+        metavar="R",
+        help="store at most R x the numbers of the original LoRAs (default 0.5); "
+        "an R that keeps nothing is refused, naming the smallest sure to keep something "
+        "(about 1 / (T r): one direction shared by all T tasks of rank r in one module)",
+    )
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
@@ -141,7 +164,12 @@ def _inspect(args) -> int:
     for name, row in summary["modules"].items():
         energy = " ".join(f"{k} {v:.4f}" for k, v in row["energy"].items())
         modules.add_row(
-            module_name(name), row["shape"], str(row["rank"]), row["stored"], energy, "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
+            module_name(name),
+            row["shape"],
+            str(row["rank"]),
+            row["stored"],
+            energy,
+            "-" if row["max_error"] is None else f"{row['max_error']:.2e}",
         )
     console.print(modules)
     return 0
@@ -173,7 +201,9 @@ def _baseline(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        console.print(f"{args.method}: storage {summary['storage_ratio']:.4f} of the originals, wrote {args.out}", highlight=False)
+        console.print(
+            f"{args.method}: storage {summary['storage_ratio']:.4f} of the originals, wrote {args.out}", highlight=False
+        )
     return 0
 
 
@@ -197,11 +227,14 @@ def _print_summary(summary: dict) -> None:
         else "not measured here (only the sites that hold the original adapters can)"
     )
     console.print(
-        f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, method {summary['options']['method']}: "
+        f"[bold]{summary['bundle']}[/]: {summary['tasks_count']} tasks, {summary['modules_count']} modules, method "
+        f"{summary['options']['method']}: "
         + ", ".join(f"{n} {kind}" for kind, n in summary["allocation"].items() if n)
-        + (f" (p = {summary['p']})" if summary["p"] != [] else "") + "\n"
+        + (f" (p = {summary['p']})" if summary["p"] != [] else "")
+        + "\n"
         f"storage: {s['ratio_counted']:.4f} of the originals (formula {s['ratio_formula']:.4f}; "
-        f"{s['bytes_on_disk']:,} bytes on disk, {s['ratio_bytes_on_disk']:.4f} of {s['bytes_original']:,}; {s['dtype']})\n"
+        f"{s['bytes_on_disk']:,} bytes on disk, {s['ratio_bytes_on_disk']:.4f} of {s['bytes_original']:,}; "
+        f"{s['dtype']})\n"
         f"relative dW error: {measured}",
         highlight=False,
     )

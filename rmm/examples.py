@@ -50,12 +50,20 @@ HIGH = SYMBOLS[len(SYMBOLS) // 2 :]  # upper half of the symbols
 LOW = SYMBOLS[: len(SYMBOLS) // 2]
 
 MODEL = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-    pad_token_id=PAD, num_labels=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    pad_token_id=PAD,
+    num_labels=2,
 )
 LORA = dict(
-    task_type="SEQ_CLS", r=8, lora_alpha=16,
+    task_type="SEQ_CLS",
+    r=8,
+    lora_alpha=16,
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 )  # SEQ_CLS makes PEFT train and save each task's own classifier head ("score") as modules_to_save
 # One fresh batch per step (no epochs). OneCycle (warm-up, then anneal) converges reliably in few steps.
@@ -71,6 +79,7 @@ PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", 
 # label depends on the relation the task names, not on a shortcut a random base already exposes.
 # Tasks that need a previous-token head (bigram "A B", "symbol after A") were tried and dropped:
 # whether 400 steps find that head on a random base is a lottery over seeds.
+
 
 def _majority(rng: random.Random, label: int) -> list[int]:
     """A occurs more often than B."""
@@ -158,6 +167,7 @@ def dataset(task: str, n: int, split: str = "eval", seed: int = TRAIN["seed"]) -
 
 # --- building ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Examples:
     """Where the cached example models are; every path exists when build_examples returns."""
@@ -214,7 +224,9 @@ def build_examples(
 
 def _train_all(tmp: Path, final_base_dir: Path, spec: dict, progress: bool) -> None:
     """Train the base and every task's adapter of `spec` into `tmp`, in a fresh process with `PORTABLE_KERNELS`."""
-    argv = [sys.executable, "-m", "rmm.examples", str(tmp), str(final_base_dir), json.dumps(spec)] + ([] if progress else ["--quiet"])
+    argv = [sys.executable, "-m", "rmm.examples", str(tmp), str(final_base_dir), json.dumps(spec)] + (
+        [] if progress else ["--quiet"]
+    )
     subprocess.run(argv, env=os.environ | PORTABLE_KERNELS, check=True)
 
 
@@ -225,13 +237,24 @@ def _main(argv: list[str]) -> None:
     with _cpu_quietly():
         torch.manual_seed(spec["train"]["seed"])
         LlamaForSequenceClassification(LlamaConfig(**spec["model"])).save_pretrained(tmp / "base")
-        columns = (TextColumn("{task.fields[name]:>14}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.fields[name]:>14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, disable="--quiet" in argv) as bars:
             for task in spec["tasks"]:
                 bar = bars.add_task("", total=spec["train"]["steps"], name=task, loss=float("nan"))
-                _train(tmp / "base", task, tmp / "adapters" / task, final_base_dir, spec,
-                       lambda step, loss: bars.update(bar, completed=step, loss=loss))
+                _train(
+                    tmp / "base",
+                    task,
+                    tmp / "adapters" / task,
+                    final_base_dir,
+                    spec,
+                    lambda step, loss: bars.update(bar, completed=step, loss=loss),
+                )
 
 
 def _train(base_dir: Path, task: str, out_dir: Path, final_base_dir: Path, spec: dict, report) -> None:
@@ -260,6 +283,7 @@ def _train(base_dir: Path, task: str, out_dir: Path, final_base_dir: Path, spec:
 
 
 # --- evaluation --------------------------------------------------------------------------------
+
 
 def evaluate(base_dir, adapter_dir, task: str, n: int = EVAL_N, head_only: bool = False) -> float:
     """Accuracy of the adapter on the held-out set of `task` (deterministic).

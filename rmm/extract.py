@@ -36,7 +36,11 @@ _SEED = 0
 _SMALL = 1 << 16  # matrices up to this many entries are decomposed on one thread
 _WRITE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Heads PEFT wraps as `modules_to_save` (and excludes from LoRA) for these task types.
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def extract(
@@ -110,7 +114,9 @@ def extract(
                         file=ft.files[key],
                         module=name,
                     )
-                result = _extract_one(b, f, rank, layer, explicit=target_modules is not None, file=ft.files[key], module=name)
+                result = _extract_one(
+                    b, f, rank, layer, explicit=target_modules is not None, file=ft.files[key], module=name
+                )
                 if result is not None:
                     factors[PREFIX + name], modules[name] = result
                     dtypes.add(b.dtype)
@@ -201,7 +207,9 @@ class _Checkpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
             assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise RMMError("invalid index: expected JSON with a 'weight_map' of tensor name -> shard file", file=index) from None
+            raise RMMError(
+                "invalid index: expected JSON with a 'weight_map' of tensor name -> shard file", file=index
+            ) from None
         by_file: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             by_file.setdefault(shard, []).append(key)
@@ -284,7 +292,9 @@ class _Plan:
             elif prefix and f"{prefix}.{key}" in params:
                 self.model_name[key] = f"{prefix}.{key}"
         if not self.model_name:
-            raise RMMError(f"no tensor name in the checkpoint matches the model that {CONFIG} describes", file=base.path)
+            raise RMMError(
+                f"no tensor name in the checkpoint matches the model that {CONFIG} describes", file=base.path
+            )
         ckpt_key = {v: k for k, v in self.model_name.items()}
         for key, name in self.model_name.items():
             want = tuple(params[name].shape)
@@ -306,16 +316,25 @@ class _Plan:
                 if name.startswith(root + "."):
                     self.head_of[key] = root
 
-        adaptable = {n: "Conv1D" if isinstance(m, Conv1D) else "Linear"
-                     for n, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D))}
+        adaptable = {
+            n: "Conv1D" if isinstance(m, Conv1D) else "Linear"
+            for n, m in modules.items()
+            if isinstance(m, (torch.nn.Linear, Conv1D))
+        }
         adaptable = {n: t for n, t in adaptable.items() if not any(n == r or n.startswith(r + ".") for r in head_roots)}
         if target_modules is not None:
             for entry in target_modules:
                 hits = [n for n in modules if n and _peft_match(n, entry)]
                 if not any(n in adaptable or any(n == r or n.startswith(r + ".") for r in head_roots) for n in hits):
                     kinds = sorted({type(modules[n]).__name__ for n in hits})
-                    what = f"only {', '.join(kinds)} modules, which LoRA extraction does not support" if hits else "no module"
-                    raise RMMError(f"target module {entry!r} matches {what}; expected Linear or Conv1D", file=base.config_file)
+                    what = (
+                        f"only {', '.join(kinds)} modules, which LoRA extraction does not support"
+                        if hits
+                        else "no module"
+                    )
+                    raise RMMError(
+                        f"target module {entry!r} matches {what}; expected Linear or Conv1D", file=base.config_file
+                    )
             selected = {n: t for n, t in adaptable.items() if any(_peft_match(n, e) for e in target_modules)}
         else:
             selected = adaptable
@@ -326,7 +345,8 @@ class _Plan:
             if key is None:
                 if target_modules is not None and name in selected:
                     raise RMMError(
-                        f"the weight of target module {name!r} is not stored in the checkpoint (tied to another weight?)",
+                        f"the weight of target module {name!r} is not stored in the checkpoint (tied to another "
+                        "weight?)",
                         file=base.path,
                     )
                 continue
@@ -478,10 +498,23 @@ def _progress(total: int, enabled: bool):
     if not enabled:
         yield lambda key: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[key]}", style="dim"))
+    columns = (
+        TextColumn("[bold]extract[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[key]}", style="dim"),
+    )
     with Progress(*columns) as bar:
         task = bar.add_task("extract", total=total, key="")
         yield lambda key: bar.update(task, advance=1, key=key)

@@ -47,7 +47,9 @@ def read_tensor(f, file: Path, key: str) -> torch.Tensor:
     try:
         return f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise RMMError(f"cannot read tensor {key!r} (missing key, truncated or corrupt file?): {e}", file=file) from None
+        raise RMMError(
+            f"cannot read tensor {key!r} (missing key, truncated or corrupt file?): {e}", file=file
+        ) from None
 
 
 def read_all(file: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +76,11 @@ def check_output(out: str | Path, force: bool, inputs: Iterable[str | Path] = ()
     for given in inputs:
         source = Path(given).resolve()
         if resolved.is_relative_to(source) or source.is_relative_to(resolved):
-            raise RMMError(f"the output and the input {given} contain one another; --force never replaces an input: choose another output", file=out)
+            raise RMMError(
+                f"the output and the input {given} contain one another; --force never replaces an input: choose "
+                "another output",
+                file=out,
+            )
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise RMMError(f"{existing} is a file; the output must be a directory", file=out)
@@ -112,7 +118,13 @@ def atomic_dir(out: Path, *, keep_existing: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+}
 
 
 class StreamingWriter:
@@ -124,7 +136,9 @@ class StreamingWriter:
     the header goes first and the data streams after it. Files read back with `safe_open`.
     """
 
-    def __init__(self, file: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, file: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ):
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for key, (dtype, shape) in specs.items():
@@ -141,7 +155,9 @@ class StreamingWriter:
     def write(self, key: str, tensor: torch.Tensor) -> None:
         want_key, (dtype, shape) = next(self._pending)
         if (key, tensor.dtype, tuple(tensor.shape)) != (want_key, dtype, tuple(shape)):
-            raise ValueError(f"expected {want_key} {dtype} {tuple(shape)}, got {key} {tensor.dtype} {tuple(tensor.shape)}")
+            raise ValueError(
+                f"expected {want_key} {dtype} {tuple(shape)}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
+            )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
         self.numbers += tensor.numel()

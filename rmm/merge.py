@@ -38,9 +38,26 @@ from rmm.bundle import (
 from rmm.allocate import allocate, curves
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
-from rmm.io import StreamingWriter, atomic_dir, check_output, open_safetensors, read_all, read_tensor, safe_name, sha256_file
+from rmm.io import (
+    StreamingWriter,
+    atomic_dir,
+    check_output,
+    open_safetensors,
+    read_all,
+    read_tensor,
+    safe_name,
+    sha256_file,
+)
 from rmm.metrics import frobenius_inner, relative_error
-from rmm.plan import module_specs, modules_of_basis, numbers_original, plan_modules, planned_modules, stack_factors, storage_dtype
+from rmm.plan import (
+    module_specs,
+    modules_of_basis,
+    numbers_original,
+    plan_modules,
+    planned_modules,
+    stack_factors,
+    storage_dtype,
+)
 from rmm.storage import Curves, basis_specs, coef_specs, kind, rebuild
 
 
@@ -83,9 +100,22 @@ def merge(
         # soon as they are solved: memory holds the modules in flight, not the whole bundle.
         (tmp / "coefficients").mkdir()
         basis_out = StreamingWriter(tmp / BASIS_FILE, basis_specs(modules, dtype), {"format": "pt"})
-        coef_out = {a.name: StreamingWriter(coefficients_file(tmp, a.name), coef_specs(modules, dtype, a.name), {"format": "pt"}) for a in adapters}
-        solved = _in_order(partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis), modules)
-        for mod, (shared, own, captured, err) in track(zip(modules, solved), total=len(modules), description="merging modules", disable=not progress, transient=True):
+        coef_out = {
+            a.name: StreamingWriter(
+                coefficients_file(tmp, a.name), coef_specs(modules, dtype, a.name), {"format": "pt"}
+            )
+            for a in adapters
+        }
+        solved = _in_order(
+            partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis), modules
+        )
+        for mod, (shared, own, captured, err) in track(
+            zip(modules, solved),
+            total=len(modules),
+            description="merging modules",
+            disable=not progress,
+            transient=True,
+        ):
             for key, tensor in shared.items():
                 basis_out.write(f"{mod.name}.{key}", tensor)
             for t, a in enumerate(adapters):
@@ -114,7 +144,14 @@ def merge(
             bytes_original=sum(a.lora_bytes for a in adapters),
         )
         tasks = [
-            TaskEntry(name=a.name, source=str(a.path.resolve()), sha256=a.sha256, dtype=_dtype_name(a.dtype), config=a.config, extras=list(a.extra_keys))
+            TaskEntry(
+                name=a.name,
+                source=str(a.path.resolve()),
+                sha256=a.sha256,
+                dtype=_dtype_name(a.dtype),
+                config=a.config,
+                extras=list(a.extra_keys),
+            )
             for a in adapters
         ]
         manifest = Manifest(
@@ -132,7 +169,9 @@ def merge(
     return manifest
 
 
-def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, *, progress: bool = True, force: bool = False) -> dict[str, Path]:
+def revert(
+    bundle: str | Path, out: str | Path, tasks: list[str] | None = None, *, progress: bool = True, force: bool = False
+) -> dict[str, Path]:
     """Rebuild tasks' adapters (all by default) as PEFT directories `out/<task>/`.
 
     Nothing else in `out` is touched, and an existing `out/<task>` is replaced only with `force`.
@@ -150,7 +189,9 @@ def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, 
     dtype = getattr(torch, manifest.storage_dtype)
     basis_path = _checked_tensors(bundle, manifest, bundle / BASIS_FILE, basis_specs(manifest.modules, dtype))
     for entry in entries:
-        _checked_tensors(bundle, manifest, coefficients_file(bundle, entry.name), coef_specs(manifest.modules, dtype, entry.name))
+        _checked_tensors(
+            bundle, manifest, coefficients_file(bundle, entry.name), coef_specs(manifest.modules, dtype, entry.name)
+        )
         if entry.extras:
             checked_file(bundle, manifest, extras_file(bundle, entry.name))
     written = {}
@@ -160,7 +201,9 @@ def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, 
             factors = {}
             for mod in manifest.modules:
                 shared = {k: read_tensor(fb, basis_path, f"{mod.name}.{k}") for k in kind(mod).basis_specs(mod, dtype)}
-                factors[mod.name] = rebuild(mod, shared, {k: coefs[f"{mod.name}.{k}"] for k in kind(mod).coef_specs(mod, dtype, entry.name)})
+                factors[mod.name] = rebuild(
+                    mod, shared, {k: coefs[f"{mod.name}.{k}"] for k in kind(mod).coef_specs(mod, dtype, entry.name)}
+                )
             extras = read_all(extras_file(bundle, entry.name)) if entry.extras else {}
             write_adapter(out / entry.name, entry.config, factors, extras, getattr(torch, entry.dtype))
             written[entry.name] = out / entry.name
@@ -168,22 +211,30 @@ def revert(bundle: str | Path, out: str | Path, tasks: list[str] | None = None, 
 
 
 def _checked_tensors(bundle: Path, manifest: Manifest, file: Path, specs: dict) -> Path:
-    """A file of the bundle with the recorded sha256, holding exactly the finite tensors of `specs` (shapes from the manifest)."""
+    """A file of the bundle with the recorded sha256, holding exactly the finite tensors of `specs` (shapes from the
+    manifest)."""
     checked_file(bundle, manifest, file)
     with open_safetensors(file) as f:
         keys = set(f.keys())
         if keys != specs.keys():
-            raise RMMError(f"holds other tensors than the manifest's modules need ({sorted(keys ^ specs.keys())[0]} differs)", file=file)
+            raise RMMError(
+                f"holds other tensors than the manifest's modules need ({sorted(keys ^ specs.keys())[0]} differs)",
+                file=file,
+            )
         for key, (_, shape) in specs.items():
             x = read_tensor(f, file, key)
             if tuple(x.shape) != shape or not x.is_floating_point():
-                raise RMMError(f"{key} is {x.dtype} {tuple(x.shape)}; the manifest needs floats of shape {shape}", file=file)
+                raise RMMError(
+                    f"{key} is {x.dtype} {tuple(x.shape)}; the manifest needs floats of shape {shape}", file=file
+                )
             if not torch.isfinite(x).all():
                 raise RMMError(f"{key} holds NaN or Inf values", file=file)
     return file
 
 
-def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype, basis: Path | None):
+def _solve_module(
+    adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype, basis: Path | None
+):
     """One module: (basis tensors, each task's tensors, energy kept, each task's dW error), as stored.
 
     Everything is cast to `dtype` before errors are measured, so the report describes what revert
@@ -208,12 +259,23 @@ def _solve_module(adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: b
     return shared, own, energy, errors
 
 
-def allocate_modules(adapters: list[LoraAdapter], specs: list[ModuleEntry], budget: float, progress: bool) -> list[ModuleEntry]:
+def allocate_modules(
+    adapters: list[LoraAdapter], specs: list[ModuleEntry], budget: float, progress: bool
+) -> list[ModuleEntry]:
     """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers."""
+
     def curves_of(mod: ModuleEntry) -> Curves:
         return curves(*stack_factors(adapters, mod, canonical=False), [a.modules[mod.name].rank for a in adapters])
 
-    found = list(track(_in_order(curves_of, specs), total=len(specs), description="sizing modules", disable=not progress, transient=True))
+    found = list(
+        track(
+            _in_order(curves_of, specs),
+            total=len(specs),
+            description="sizing modules",
+            disable=not progress,
+            transient=True,
+        )
+    )
     return planned_modules(specs, allocate(found, budget), [a.name for a in adapters])
 
 

@@ -45,7 +45,13 @@ UPLOADS = ("moments", "sketch", "factors")
 
 
 def write_payload(
-    adapters: list[LoraAdapter], modules: list[ModuleEntry], file: Path, kind: Upload, *, q: int | None = None, canonical: bool = False
+    adapters: list[LoraAdapter],
+    modules: list[ModuleEntry],
+    file: Path,
+    kind: Upload,
+    *,
+    q: int | None = None,
+    canonical: bool = False,
 ) -> StreamingWriter:
     """Stream a site's payload for `adapters` to `file`, module by module. Returns the closed writer
     (its `numbers` and `bytes` say how much was written)."""
@@ -61,7 +67,9 @@ def write_payload(
             if kind == "factors":
                 specs[f"{m.name}.{f}.x"] = (dtype, (n, P, m.rank))
             else:
-                specs |= {f"{m.name}.{f}.{suffix}": spec for suffix, spec in summary_specs(P, m.rank, n, kind, q).items()}
+                specs |= {
+                    f"{m.name}.{f}.{suffix}": spec for suffix, spec in summary_specs(P, m.rank, n, kind, q).items()
+                }
     writer = StreamingWriter(file, specs, {"kind": kind, "n": str(n), "q": str(q or 0)})
     for m in modules:
         B, A = stack_factors(adapters, m, canonical)
@@ -90,7 +98,9 @@ def read_payload(file: Path, modules: list[ModuleEntry]) -> Iterator[dict[str, M
             yield out
 
 
-def aggregate(payloads: list[Path], modules: list[ModuleEntry], file: Path, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, float]]:
+def aggregate(
+    payloads: list[Path], modules: list[ModuleEntry], file: Path, dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, float]]:
     """Sum every payload's moments per module, solve, and stream the basis to `file`.
 
     Returns, per module and factor, the share of the centred scatter the basis keeps.
@@ -137,7 +147,9 @@ def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file:
     specs = {}
     for m in modules:
         specs |= {f"{m.name}.{k}": spec for k, spec in _spectra_specs(m, n).items()}
-    writer = StreamingWriter(file, specs, {"kind": "spectra", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
+    writer = StreamingWriter(
+        file, specs, {"kind": "spectra", "n": str(n), "tasks": json.dumps([a.name for a in adapters])}
+    )
     for m in modules:
         raw = stack_factors(adapters, m, canonical=False)
         canonical = canonicalize(*raw)
@@ -201,18 +213,30 @@ def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases:
         specs = {}
         for m in modules:
             specs |= {f"{m.name}.{name}": (torch.float64, (n, w)) for name, w in _curve_widths(f, m).items()}
-        writer = StreamingWriter(file, specs, {"kind": "curves", "n": str(n), "tasks": json.dumps([a.name for a in adapters])})
+        writer = StreamingWriter(
+            file, specs, {"kind": "curves", "n": str(n), "tasks": json.dumps([a.name for a in adapters])}
+        )
         for m in modules:
             raw = stack_factors(adapters, m, canonical=False)
             canonical = canonicalize(*raw)
             for name in _curve_widths(f, m):
-                writer.write(f"{m.name}.{name}", storage.KINDS[name].site_curve(m, raw, canonical, partial(_read_module, f, bases, m.name)))
+                writer.write(
+                    f"{m.name}.{name}",
+                    storage.KINDS[name].site_curve(m, raw, canonical, partial(_read_module, f, bases, m.name)),
+                )
     writer.close()
     return writer
 
 
-def write_plan(spectra: list[Path], curves: list[Path], modules: list[ModuleEntry], budget: float, bases: Path, file: Path,
-               dtype: torch.dtype = torch.float32) -> tuple[list[ModuleEntry], dict[str, dict[str, float]]]:
+def write_plan(
+    spectra: list[Path],
+    curves: list[Path],
+    modules: list[ModuleEntry],
+    budget: float,
+    bases: Path,
+    file: Path,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[ModuleEntry], dict[str, dict[str, float]]]:
     """The coordinator, after round 2: allocate `budget` numbers over every task, as `rmm merge` does,
     and write the final basis (what the plan shares, cut from the bases, in `dtype`; the plan in its metadata).
 
@@ -234,7 +258,9 @@ def write_plan(spectra: list[Path], curves: list[Path], modules: list[ModuleEntr
             for name, k in storage.KINDS.items():
                 rows = None
                 if k.curve_width(m, shapes) is not None:
-                    stacked = torch.cat([read_tensor(f, p, f"{m.name}.{name}").double() for f, p in zip(curve_files, curves)])
+                    stacked = torch.cat(
+                        [read_tensor(f, p, f"{m.name}.{name}").double() for f, p in zip(curve_files, curves)]
+                    )
                     rows = torch.empty_like(stacked)
                     rows[order] = stacked
                 kinds[name] = k.federated_curve(S, rows, shapes)
@@ -246,11 +272,17 @@ def write_plan(spectra: list[Path], curves: list[Path], modules: list[ModuleEntr
         writer = StreamingWriter(file, storage.basis_specs(planned, dtype), {"format": "pt", PLAN: plan_json})
         for m in planned:
             for suffix, (_, shape) in storage.kind(m).basis_specs(m, dtype).items():
-                whole = read_tensor(fb, bases, f"{m.name}.{suffix}")  # the largest size the curves priced; the plan keeps its head
+                whole = read_tensor(
+                    fb, bases, f"{m.name}.{suffix}"
+                )  # the largest size the curves priced; the plan keeps its head
                 writer.write(f"{m.name}.{suffix}", whole[tuple(slice(0, n) for n in shape)].to(dtype).contiguous())
         writer.close()
-    kept = {m.name: {"dW": 1.0 - float((torch.tensor(c.errors) * energy[m.name]).sum() / energy[m.name].sum().clamp_min(1e-300))}
-            for m, c in zip(modules, plan)}
+    kept = {
+        m.name: {
+            "dW": 1.0 - float((torch.tensor(c.errors) * energy[m.name]).sum() / energy[m.name].sum().clamp_min(1e-300))
+        }
+        for m, c in zip(modules, plan)
+    }
     return planned, kept
 
 
@@ -264,7 +296,9 @@ def payload_tasks(file: Path) -> list[str]:
         raise RMMError("no task list in the metadata: not a spectra, curves or bases file", file=file) from None
 
 
-def check_round_payload(file: Path, kind: str, modules: list[ModuleEntry], allowed: list[str], bases: Path | None = None) -> list[str]:
+def check_round_payload(
+    file: Path, kind: str, modules: list[ModuleEntry], allowed: list[str], bases: Path | None = None
+) -> list[str]:
     """The tasks of a spectra or curves payload, once every tensor has the shape and finite values
     `modules` (and, for curves, the `bases`) need and every task is one of `allowed`."""
     tasks = payload_tasks(file)

@@ -26,8 +26,13 @@ PLAN = "rmm.plan"  # metadata key of a federation's "auto" basis file: its modul
 def module_specs(adapters: list[LoraAdapter]) -> list[ModuleEntry]:
     """Each module's shape and largest rank over the adapters (p left at 0: not planned yet)."""
     return [
-        ModuleEntry(name=m, out_features=s.out_features, in_features=s.in_features, p=0,
-                    rank=max(a.modules[m].rank for a in adapters))
+        ModuleEntry(
+            name=m,
+            out_features=s.out_features,
+            in_features=s.in_features,
+            p=0,
+            rank=max(a.modules[m].rank for a in adapters),
+        )
         for m, s in adapters[0].modules.items()
     ]
 
@@ -95,8 +100,9 @@ def modules_of_basis(basis: Path, specs: list[ModuleEntry], tasks: list[str], me
         meta = f.metadata() or {}
         if (PLAN in meta) != (method == "auto"):
             built = "auto" if PLAN in meta else "rmm-paper"
-            raise RMMError(f"this basis was built by method {built}; merge against it with that method, not {method}",
-                           file=basis)
+            raise RMMError(
+                f"this basis was built by method {built}; merge against it with that method, not {method}", file=basis
+            )
         if PLAN in meta:
             planned = [ModuleEntry.model_validate(m) for m in json.loads(meta[PLAN])]
             if [m.name for m in planned] != [m.name for m in specs]:
@@ -120,7 +126,11 @@ def modules_of_basis(basis: Path, specs: list[ModuleEntry], tasks: list[str], me
             n_out, rank, p = f.get_slice(key).get_shape()
             n_in = f.get_slice(f"{m.name}.A.basis").get_shape()[0]
             if (n_out, n_in) != (m.out_features, m.in_features) or rank < m.rank:
-                raise RMMError(f"basis shape {n_out}x{n_in} rank {rank} does not fit the adapters' "
-                               f"{m.out_features}x{m.in_features} rank {m.rank}", file=basis, module=m.name)
+                raise RMMError(
+                    f"basis shape {n_out}x{n_in} rank {rank} does not fit the adapters' "
+                    f"{m.out_features}x{m.in_features} rank {m.rank}",
+                    file=basis,
+                    module=m.name,
+                )
             planned.append(m.model_copy(update={"rank": rank, "p": p}))
     return planned

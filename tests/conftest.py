@@ -24,8 +24,13 @@ hf_logging.disable_progress_bar()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 LLAMA = LlamaConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
 )
 GPT2 = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
 
@@ -79,7 +84,11 @@ def file_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     assert not config.get("rank_pattern") and not config.get("alpha_pattern") and not config.get("use_rslora")
     w = {k: v.double() for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
     s = config["lora_alpha"] / config["r"]
-    return {k.removesuffix(".lora_A.weight"): s * w[k.replace("lora_A", "lora_B")] @ w[k] for k in w if k.endswith(".lora_A.weight")}
+    return {
+        k.removesuffix(".lora_A.weight"): s * w[k.replace("lora_A", "lora_B")] @ w[k]
+        for k in w
+        if k.endswith(".lora_A.weight")
+    }
 
 
 @pytest.fixture(scope="session")

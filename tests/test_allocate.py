@@ -57,13 +57,16 @@ def test_pooled_roots_give_the_same_bases_as_the_stacked_ones(shape):
 
 
 def _stored(m, c, T: int) -> int:
-    """What a module's choice stores, counted from the tensors a bundle holds for it (README's table), not its `cost`."""
+    """What a module's choice stores, counted from the tensors a bundle holds for it (README's table), not its
+    `cost`."""
     r = m.rank
     if c.kind == "truncate":  # B (out, k_t) and A (in, k_t) per task
         return sum(c.setting) * (m.n_out + m.n_in)
     if c.kind == "joint":  # U (out, Ku), V (in, Kv) and a Ku x Kv core per task
         return c.setting[0] * m.n_out + c.setting[1] * m.n_in + T * c.setting[0] * c.setting[1]
-    return (m.n_out + m.n_in) * (r + r * c.setting + T * c.setting)  # a mean (r) and a basis (r, p) per position, p per task
+    return (m.n_out + m.n_in) * (
+        r + r * c.setting + T * c.setting
+    )  # a mean (r) and a basis (r, p) per position, p per task
 
 
 @settings(max_examples=25, deadline=None)
@@ -110,7 +113,9 @@ def test_per_position_curve_is_the_dense_error_of_the_papers_rebuild(shape):
         rebuilt = []
         for basis, X in zip(bases, (B, A.mT)):
             U = basis.vectors[..., :p]
-            rebuilt.append(basis.mean + torch.einsum("prk,tpk->tpr", U, torch.einsum("prk,tpr->tpk", U, X - basis.mean)))
+            rebuilt.append(
+                basis.mean + torch.einsum("prk,tpk->tpr", U, torch.einsum("prk,tpr->tpk", U, X - basis.mean))
+            )
         dense = ((rebuilt[0] @ rebuilt[1].mT - dW) ** 2).sum((-2, -1)) / (dW * dW).sum((-2, -1))
         torch.testing.assert_close(errors[:, p], dense, atol=1e-9, rtol=1e-7)
     if bases[0].p == min(r, T - 1):

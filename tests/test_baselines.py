@@ -44,9 +44,23 @@ def finite_logits(base, adapter_dir):
 
 def test_registry_lists_every_method():
     assert set(SINGLE) == {
-        "ta-factors", "ties-factors", "dare-factors", "ta-dw", "ties-dw", "dare-dw", "core-space-ta", "core-space-ties", "lore"
+        "ta-factors",
+        "ties-factors",
+        "dare-factors",
+        "ta-dw",
+        "ties-dw",
+        "dare-dw",
+        "core-space-ta",
+        "core-space-ties",
+        "lore",
     }
-    assert {n for n, m in METHODS.items() if m.kind == "reversible"} == {"truncate", "rmm-paper", "rmm-canonical", "joint", "auto"}
+    assert {n for n, m in METHODS.items() if m.kind == "reversible"} == {
+        "truncate",
+        "rmm-paper",
+        "rmm-canonical",
+        "joint",
+        "auto",
+    }
     assert all(m.description for m in METHODS.values())
 
 
@@ -89,7 +103,9 @@ def test_one_adapter_with_weight_one_is_itself(adapters, llama_base, tmp_path, n
     assert open_adapter(out).config["r"] == 4  # default output rank is the inputs' rank
     assert summary["numbers_stored"] == summary["numbers_original"] and summary["storage_ratio"] == 1.0
     assert json.loads((tmp_path / "summary.json").read_text())["method"] == name
-    torch.testing.assert_close(finite_logits(llama_base, out), finite_logits(llama_base, adapters[0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        finite_logits(llama_base, out), finite_logits(llama_base, adapters[0]), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", SINGLE)
@@ -161,7 +177,12 @@ def test_agrees_with_peft_add_weighted_adapter(adapters, llama_base, tmp_path, n
     for i, a in enumerate(adapters[1:], 1):
         model.load_adapter(a, adapter_name=f"t{i}")
     model.add_weighted_adapter(
-        [f"t{i}" for i in range(len(adapters))], w, "merged", combination_type=peft_type, density=params.get("density"), svd_rank=4
+        [f"t{i}" for i in range(len(adapters))],
+        w,
+        "merged",
+        combination_type=peft_type,
+        density=params.get("density"),
+        svd_rank=4,
     )
     ours = deltas(tmp_path / SINGLE_DIR)
     theirs = {n: m.get_delta_weight("merged").double() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -198,7 +219,10 @@ def test_rmm_at_full_basis_reverts_exactly(adapters, llama_base, tmp_path, name)
     for a in adapters:
         assert_same_dw(deltas(tmp_path / a.name), deltas(a))
     torch.testing.assert_close(
-        finite_logits(llama_base, tmp_path / adapters[1].name), finite_logits(llama_base, adapters[1]), rtol=1e-5, atol=1e-5
+        finite_logits(llama_base, tmp_path / adapters[1].name),
+        finite_logits(llama_base, adapters[1]),
+        rtol=1e-5,
+        atol=1e-5,
     )
     lossy = run(name, adapters, tmp_path / "lossy", storage_ratio=0.5)
     assert lossy["storage_ratio"] <= 0.5 and max(lossy["errors"].values()) > 1e-3
@@ -208,7 +232,9 @@ def test_mixed_ranks_rslora_and_patterns(llama_base, tmp_path):
     from conftest import make_adapter
 
     a = make_adapter(llama_base, tmp_path / "in" / "a", seed=10, r=2, lora_alpha=4, use_rslora=True)
-    b = make_adapter(llama_base, tmp_path / "in" / "b", seed=11, r=4, rank_pattern={"v_proj": 3}, alpha_pattern={"v_proj": 5})
+    b = make_adapter(
+        llama_base, tmp_path / "in" / "b", seed=11, r=4, rank_pattern={"v_proj": 3}, alpha_pattern={"v_proj": 5}
+    )
     w = [0.7, 0.4]
     want = {m: w[0] * da + w[1] * deltas(b)[m] for m, da in deltas(a).items()}
     for name in ("ta-dw", "core-space-ta"):
@@ -225,7 +251,12 @@ def test_mixed_ranks_rslora_and_patterns(llama_base, tmp_path):
 def test_conv1d_gpt2_adapters(gpt2_base, tmp_path, name):
     from conftest import make_adapter
 
-    ins = [make_adapter(gpt2_base, tmp_path / "in" / f"g{t}", seed=t, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True) for t in range(3)]
+    ins = [
+        make_adapter(
+            gpt2_base, tmp_path / "in" / f"g{t}", seed=t, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True
+        )
+        for t in range(3)
+    ]
     run(name, ins, tmp_path / "out")
     finite_logits(gpt2_base, tmp_path / "out" / SINGLE_DIR)
 
@@ -238,7 +269,9 @@ def test_joint_subspace_is_exact_at_full_rank_and_counts_its_storage(adapters, l
     small = run("joint", adapters, tmp_path / "small", rank=3)
     spec = open_adapter(adapters[0]).modules
     T = len(adapters)
-    assert small["numbers_stored"] == sum(3 * (s.out_features + s.in_features) + T * 9 for s in spec.values())  # 3 < every side
+    assert small["numbers_stored"] == sum(
+        3 * (s.out_features + s.in_features) + T * 9 for s in spec.values()
+    )  # 3 < every side
     half = run("joint", adapters, tmp_path / "half", storage_ratio=0.5)
     assert half["storage_ratio"] <= 0.5 and 0 < max(half["errors"].values()) < 1
     for a in adapters:  # the reported error is the written adapter's
@@ -268,5 +301,12 @@ def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_joint_or_t
         for other in ("truncate", "joint", "rmm-paper"):
             summary = run(other, shared, tmp_path / f"{other}{ratio}", storage_ratio=ratio)
             assert summary["storage_ratio"] <= ratio + 1e-9
-            assert mine <= _squared_errors(tmp_path / f"{other}{ratio}", shared) * (1 + 1e-6), (other, ratio)  # float32 storage
-        assert {m.method for m in read_manifest(tmp_path / f"auto{ratio}" / "bundle").modules} <= {"truncate", "joint", "shared"}
+            assert mine <= _squared_errors(tmp_path / f"{other}{ratio}", shared) * (1 + 1e-6), (
+                other,
+                ratio,
+            )  # float32 storage
+        assert {m.method for m in read_manifest(tmp_path / f"auto{ratio}" / "bundle").modules} <= {
+            "truncate",
+            "joint",
+            "shared",
+        }

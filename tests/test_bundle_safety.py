@@ -15,7 +15,11 @@ from rmm.merge import merge
 
 def _tree(root):
     """Every file under `root` with the sha256 of its bytes: what must stay unchanged."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -48,7 +52,8 @@ def test_baseline_force_never_replaces_an_input(inputs):
 
 @pytest.fixture(scope="module")
 def merged(adapters, tmp_path_factory):
-    """One bundle of three adapters, copied by `bundle` for each test to damage; the paper's method, so its basis is not empty."""
+    """One bundle of three adapters, copied by `bundle` for each test to damage; the paper's method, so its basis is
+    not empty."""
     out = tmp_path_factory.mktemp("merged") / "bundle"
     merge(adapters[:3], out, MergeOptions(basis_size=1), progress=False)
     return out
@@ -75,6 +80,7 @@ def _refused(capsys, *argv):
 
 def _rename_task(bundle, old, new):
     """Give task `old` the name `new` in the manifest, and move its coefficient file where that name points."""
+
     def rename(m):
         for t in m["tasks"]:
             t["name"] = new if t["name"] == old else t["name"]
@@ -96,7 +102,9 @@ def test_revert_never_writes_outside_out_for_a_crafted_task_name(bundle, tmp_pat
     (victim / "precious.txt").write_text("mine")
     rev = tmp_path / "rev"  # rev/../victim is victim
     name = "../victim" if kind == "relative" else str(victim)
-    _rename_task(bundle, "task0", name)  # its coefficients: bundle/victim.safetensors, or victim.safetensors beside victim/
+    _rename_task(
+        bundle, "task0", name
+    )  # its coefficients: bundle/victim.safetensors, or victim.safetensors beside victim/
     err = _refused(capsys, "revert", bundle, "--out", rev, "--task", name)
     assert "manifest.json" in err and "file name" in err
     assert _tree(victim) == {"precious.txt": hashlib.sha256(b"mine").hexdigest()} and not rev.exists()
@@ -117,8 +125,12 @@ def test_revert_keeps_existing_adapters_unless_forced(bundle, inputs, capsys):
     assert main(["revert", str(bundle), "--out", str(folder), "--task", "task2"]) == 0  # a new task is fine
     assert main(["revert", str(bundle), "--out", str(folder), "--task", "task0", "--force"]) == 0
     after = _tree(folder)
-    assert after["task0/adapter_model.safetensors"] != before["task0/adapter_model.safetensors"]  # replaced: a lossy revert
-    assert {k: after[k] for k in before if not k.startswith("task0/")} == {k: v for k, v in before.items() if not k.startswith("task0/")}
+    assert (
+        after["task0/adapter_model.safetensors"] != before["task0/adapter_model.safetensors"]
+    )  # replaced: a lossy revert
+    assert {k: after[k] for k in before if not k.startswith("task0/")} == {
+        k: v for k, v in before.items() if not k.startswith("task0/")
+    }
 
 
 def test_revert_into_a_file_or_the_bundle_is_refused(bundle, tmp_path, capsys):
@@ -137,7 +149,12 @@ def _rewrite(file, fn):
 
 
 def _rehash(bundle, file):
-    _edit_manifest(bundle, lambda m: m["files"].update({file.relative_to(bundle).as_posix(): hashlib.sha256(file.read_bytes()).hexdigest()}))
+    _edit_manifest(
+        bundle,
+        lambda m: m["files"].update(
+            {file.relative_to(bundle).as_posix(): hashlib.sha256(file.read_bytes()).hexdigest()}
+        ),
+    )
 
 
 def _damage(bundle, how):

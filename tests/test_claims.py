@@ -21,9 +21,13 @@ def deltas(adapter_dir) -> dict[str, torch.Tensor]:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert not config.get("rank_pattern") and not config.get("alpha_pattern")
     r, alpha = config["r"], config["lora_alpha"]
-    s = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+    s = alpha / r**0.5 if config.get("use_rslora") else alpha / r
     w = load_file(adapter_dir / "adapter_model.safetensors")
-    return {k[: -len(".lora_A.weight")]: s * w[k.replace("lora_A", "lora_B")].double() @ w[k].double() for k in w if k.endswith(".lora_A.weight")}
+    return {
+        k[: -len(".lora_A.weight")]: s * w[k.replace("lora_A", "lora_B")].double() @ w[k].double()
+        for k in w
+        if k.endswith(".lora_A.weight")
+    }
 
 
 def worst_error(originals, reverted_root) -> float:
@@ -43,14 +47,24 @@ def in_dtype(base, adapter_dir, out, dtype):
 
 
 # Mixed ranks and scaling rules whose scaling is a power of two: alpha / r = 2, 2, 1 and rslora 4 / sqrt(4) = 2.
-RULES = [dict(r=4, lora_alpha=8), dict(r=2, lora_alpha=4), dict(r=4, lora_alpha=4), dict(r=4, lora_alpha=4, use_rslora=True)]
+RULES = [
+    dict(r=4, lora_alpha=8),
+    dict(r=2, lora_alpha=4),
+    dict(r=4, lora_alpha=4),
+    dict(r=4, lora_alpha=4, use_rslora=True),
+]
 
 
 @pytest.mark.parametrize("name", DTYPES)
 def test_default_at_full_storage_reverts_exactly_in_every_dtype(llama_base, tmp_path, name):
     """README: at --storage-ratio 1 every task comes back with exactly its dW (scaling a power of two)."""
     paths = [
-        in_dtype(llama_base, make_adapter(llama_base, tmp_path / "src" / f"t{i}", seed=i, **rule), tmp_path / name / f"t{i}", DTYPES[name])
+        in_dtype(
+            llama_base,
+            make_adapter(llama_base, tmp_path / "src" / f"t{i}", seed=i, **rule),
+            tmp_path / name / f"t{i}",
+            DTYPES[name],
+        )
         for i, rule in enumerate(RULES)
     ]
     manifest = merge(paths, tmp_path / "bundle", MergeOptions(storage_ratio=1.0), progress=False)
@@ -71,8 +85,15 @@ def test_other_scalings_and_the_papers_full_basis_revert_within_rounding(llama_b
     the dtype's unit roundoff); the paper's RMM at p = T - 1 rebuilds each factor from a mean and a basis
     stored in the dtype (below 4 u)."""
     u = ROUNDOFF[name]
-    odd = [in_dtype(llama_base, make_adapter(llama_base, tmp_path / "src" / f"o{i}", seed=i, r=4, lora_alpha=6), tmp_path / name / f"o{i}", DTYPES[name])
-           for i in range(4)]  # s = 1.5
+    odd = [
+        in_dtype(
+            llama_base,
+            make_adapter(llama_base, tmp_path / "src" / f"o{i}", seed=i, r=4, lora_alpha=6),
+            tmp_path / name / f"o{i}",
+            DTYPES[name],
+        )
+        for i in range(4)
+    ]  # s = 1.5
     merge(odd, tmp_path / "auto", MergeOptions(storage_ratio=1.0), progress=False)
     revert(tmp_path / "auto", tmp_path / "rev-auto", progress=False)
     assert 0 < worst_error(odd, tmp_path / "rev-auto") < u
@@ -94,7 +115,11 @@ def smallest_useful_ratio(paths) -> float:
             if k.endswith(".lora_A.weight"):
                 (r, n_in), (n_out, _) = w[k].shape, w[k.replace("lora_A", "lora_B")].shape
                 shapes.setdefault(k, []).append((r, n_out, n_in))
-    return min((n_out + n_in + len(s)) / sum(r * (n_out + n_in) for r, _, _ in s) for s in shapes.values() for _, n_out, n_in in s[:1])
+    return min(
+        (n_out + n_in + len(s)) / sum(r * (n_out + n_in) for r, _, _ in s)
+        for s in shapes.values()
+        for _, n_out, n_in in s[:1]
+    )
 
 
 def test_a_budget_that_keeps_nothing_is_refused_naming_one_that_does(adapters, tmp_path, capsys):
@@ -103,7 +128,11 @@ def test_a_budget_that_keeps_nothing_is_refused_naming_one_that_does(adapters, t
     paths = adapters[:3]
     assert main(["merge", *map(str, paths), "--out", str(tmp_path / "b"), "--storage-ratio", "1e-9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "keeps nothing" in err and (found := re.search(r"sure to keep something is ([0-9.e-]+) ", err)), err
+    assert (
+        len(err.splitlines()) == 1
+        and "keeps nothing" in err
+        and (found := re.search(r"sure to keep something is ([0-9.e-]+) ", err))
+    ), err
     named = float(found[1])
     assert smallest_useful_ratio(paths) <= named <= 1.01 * smallest_useful_ratio(paths), err
     assert not (tmp_path / "b").exists()

@@ -47,7 +47,22 @@ def test_every_verb_has_help(verb, capsys):
 
 def test_merge_inspect_revert(adapters, tmp_path, capsys):
     bundle = tmp_path / "bundle"
-    assert main(["merge", *map(str, adapters), "--out", str(bundle), "--method", "rmm-paper", "--storage-ratio", "0.7", "--json"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                *map(str, adapters),
+                "--out",
+                str(bundle),
+                "--method",
+                "rmm-paper",
+                "--storage-ratio",
+                "0.7",
+                "--json",
+            ]
+        )
+        == 0
+    )
     merged = json.loads(capsys.readouterr().out)
     assert merged["tasks_count"] == 5 and merged["p"] == 1  # r=4, T=5: p=1 gives 0.65, p=2 1.1
     assert merged["storage"]["ratio_counted"] == pytest.approx(0.65) == merged["storage"]["ratio_formula"]
@@ -58,7 +73,9 @@ def test_merge_inspect_revert(adapters, tmp_path, capsys):
     for name, row in inspected["modules"].items():
         assert row["stored"] == "p=1"
         for factor in "BA":
-            assert row["energy"][factor] == pytest.approx(spread_kept(adapters, f"{name}.lora_{factor}.weight", 1), rel=1e-4)
+            assert row["energy"][factor] == pytest.approx(
+                spread_kept(adapters, f"{name}.lora_{factor}.weight", 1), rel=1e-4
+            )
 
     assert main(["inspect", str(bundle)]) == 0
     shown = capsys.readouterr().err
@@ -78,7 +95,9 @@ def test_baseline_verb(adapters, tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["baseline", "truncate", *map(str, adapters), "--out", str(out), "--param", "rank=2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["storage_ratio"] == pytest.approx(0.5) and sorted(p.name for p in out.iterdir() if p.is_dir()) == [a.name for a in adapters]
+    assert summary["storage_ratio"] == pytest.approx(0.5) and sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        a.name for a in adapters
+    ]
     for a in adapters:  # each task's dW cut to its top two singular directions
         want, got = file_deltas(a), file_deltas(out / a.name)
         for m, dW in want.items():
@@ -101,7 +120,9 @@ def test_default_merge_shows_its_allocation(adapters, tmp_path, capsys):
         assert_task_row(merged["tasks"][a.name], dense_errors(a, tmp_path / "rev" / a.name))
     for name, row in merged["modules"].items():  # energy kept: sum_t ||reverted dW_t||^2 / sum_t ||dW_t||^2
         assert row["stored"].startswith(("truncate", "joint"))
-        kept = sum(float((d[name] ** 2).sum()) for d in reverted.values()) / sum(float((d[name] ** 2).sum()) for d in originals.values())
+        kept = sum(float((d[name] ** 2).sum()) for d in reverted.values()) / sum(
+            float((d[name] ** 2).sum()) for d in originals.values()
+        )
         assert row["energy"]["dW"] == pytest.approx(kept, rel=1e-4)
     assert main(["inspect", str(bundle)]) == 0
     shown = capsys.readouterr().err
@@ -115,8 +136,24 @@ def test_a_site_loads_nothing_of_the_coordinator(tmp_path):
     with socket.socket() as s:  # a port where nothing listens: the site stops at joining Ray, after all its imports
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
-    site_run = ["site", "run", "--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "a", "--insecure",
-                "--canonicalize", "--adapters", "x", "--out", str(tmp_path / "out"), "--ray-address", dead]
+    site_run = [
+        "site",
+        "run",
+        "--coordinator",
+        "127.0.0.1:1",
+        "--federation",
+        "f",
+        "--site",
+        "a",
+        "--insecure",
+        "--canonicalize",
+        "--adapters",
+        "x",
+        "--out",
+        str(tmp_path / "out"),
+        "--ray-address",
+        dead,
+    ]
     script = f"""
 import json, sys
 coordinator = lambda: sorted(m for m in sys.modules if m.partition(".")[0] == "coordinator")
@@ -136,8 +173,23 @@ print(json.dumps({{"imported": imported, "code": code, "site_run": coordinator()
 
 def test_site_run_refuses_canonicalize_under_method_auto_as_merge_does(tmp_path, capsys, monkeypatch):
     """One rule for what implies what: --canonicalize implies rmm-paper, and contradicts an explicit --method auto."""
-    site = ["--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "a", "--insecure", "--adapters", "x",
-            "--out", str(tmp_path), "--retry-seconds", "1", "--ray-address", "127.0.0.1:1"]
+    site = [
+        "--coordinator",
+        "127.0.0.1:1",
+        "--federation",
+        "f",
+        "--site",
+        "a",
+        "--insecure",
+        "--adapters",
+        "x",
+        "--out",
+        str(tmp_path),
+        "--retry-seconds",
+        "1",
+        "--ray-address",
+        "127.0.0.1:1",
+    ]
     assert main(["merge", "x", "--out", str(tmp_path / "b"), "--method", "auto", "--canonicalize"]) == 2
     merge_error = capsys.readouterr().err
     monkeypatch.setenv("RMM_SITE_TOKEN", "t")

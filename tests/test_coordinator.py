@@ -55,7 +55,10 @@ def world(adapters, tmp_path_factory):
         write_payload(shard, specs, file, kind, q=4 if kind == "sketch" else None)
         manifest = pb.SiteManifest(
             base_model=opened[0].base_model,
-            modules=[pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in module_specs(shard)],
+            modules=[
+                pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank)
+                for m in module_specs(shard)
+            ],
             tasks=[a.name for a in shard],
             upload_kind=kind,
             sketch_rank=4 if kind == "sketch" else 0,
@@ -67,12 +70,25 @@ def world(adapters, tmp_path_factory):
 
 
 def federation(world, fed_id="fed", sites="abc", **overrides) -> FederationConfig:
-    fields = dict(id=fed_id, base_model=world.base_model, modules=world.specs, merge=MergeOptions(basis_size=2), upload_kinds=ALL_KINDS)
-    return FederationConfig(**(fields | overrides), sites={s: {"token_sha256": token_hash(f"token-{s}")} for s in sites})
+    fields = dict(
+        id=fed_id,
+        base_model=world.base_model,
+        modules=world.specs,
+        merge=MergeOptions(basis_size=2),
+        upload_kinds=ALL_KINDS,
+    )
+    return FederationConfig(
+        **(fields | overrides), sites={s: {"token_sha256": token_hash(f"token-{s}")} for s in sites}
+    )
 
 
 def coordinator_config(state_dir, *feds, **overrides) -> CoordinatorConfig:
-    return CoordinatorConfig(**({"host": "127.0.0.1", "port": 0, "state_dir": state_dir, "insecure": True, "federations": list(feds)} | overrides))
+    return CoordinatorConfig(
+        **(
+            {"host": "127.0.0.1", "port": 0, "state_dir": state_dir, "insecure": True, "federations": list(feds)}
+            | overrides
+        )
+    )
 
 
 @contextlib.asynccontextmanager
@@ -80,7 +96,11 @@ async def serving(config, channel_credentials=None, target="127.0.0.1"):
     coordinator = Coordinator(config)
     port = await coordinator.start()
     address = f"{target}:{port}"
-    channel = grpc.aio.secure_channel(address, channel_credentials) if channel_credentials else grpc.aio.insecure_channel(address)
+    channel = (
+        grpc.aio.secure_channel(address, channel_credentials)
+        if channel_credentials
+        else grpc.aio.insecure_channel(address)
+    )
     try:
         yield pb_grpc.FederationStub(channel), channel, port
     finally:
@@ -100,12 +120,20 @@ async def upload(stub, fed, site, file, skip_last=False) -> pb.Part:
     missing = set((await stub.MissingChunks(ask, metadata=auth(site), timeout=10)).sha256)
     for data in pieces[:-1] if skip_last else pieces:
         if sha(data) in missing:
-            await stub.UploadChunk(pb.UploadChunkRequest(federation_id=fed, site_id=site, sha256=sha(data), data=data), metadata=auth(site), timeout=10)
+            await stub.UploadChunk(
+                pb.UploadChunkRequest(federation_id=fed, site_id=site, sha256=sha(data), data=data),
+                metadata=auth(site),
+                timeout=10,
+            )
     return part
 
 
 async def join_and_commit(stub, world, site, fed="fed"):
-    await stub.Join(pb.JoinRequest(federation_id=fed, site_id=site, manifest=world.sites[site].manifest), metadata=auth(site), timeout=10)
+    await stub.Join(
+        pb.JoinRequest(federation_id=fed, site_id=site, manifest=world.sites[site].manifest),
+        metadata=auth(site),
+        timeout=10,
+    )
     part = await upload(stub, fed, site, world.sites[site].file)
     await stub.Commit(pb.CommitRequest(federation_id=fed, site_id=site, parts=[part]), metadata=auth(site), timeout=30)
     return part
@@ -118,7 +146,9 @@ async def status(stub, site, fed="fed", wait=0.0) -> pb.StatusResponse:
 
 async def download(stub, site, fed="fed", offset=0) -> bytes:
     out = b""
-    async for chunk in stub.DownloadBasis(pb.DownloadRequest(federation_id=fed, site_id=site, offset=offset), metadata=auth(site), timeout=30):
+    async for chunk in stub.DownloadBasis(
+        pb.DownloadRequest(federation_id=fed, site_id=site, offset=offset), metadata=auth(site), timeout=30
+    ):
         assert chunk.offset == offset + len(out) and chunk.sha256 == sha(chunk.data)
         out += chunk.data
     return out
@@ -134,11 +164,28 @@ def test_three_sites_get_the_centralised_basis(world, tmp_path):
             await asyncio.gather(*(join_and_commit(stub, world, s) for s in SHARDS))
             done = await status(stub, "a", wait=30)
             # Retries of a join and a commit are harmless.
-            config = await stub.Join(pb.JoinRequest(federation_id="fed", site_id="c", manifest=world.sites["c"].manifest), metadata=auth("c"), timeout=10)
-            await stub.Commit(pb.CommitRequest(federation_id="fed", site_id="c", parts=[chunks_of(world.sites["c"].file)[1]]), metadata=auth("c"), timeout=10)
+            config = await stub.Join(
+                pb.JoinRequest(federation_id="fed", site_id="c", manifest=world.sites["c"].manifest),
+                metadata=auth("c"),
+                timeout=10,
+            )
+            await stub.Commit(
+                pb.CommitRequest(federation_id="fed", site_id="c", parts=[chunks_of(world.sites["c"].file)[1]]),
+                metadata=auth("c"),
+                timeout=10,
+            )
             basis = await download(stub, "b")
             tail = await download(stub, "b", offset=100)
-            reports = [json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id=s), metadata=auth(s), timeout=10)).json) for s in "abc"]
+            reports = [
+                json.loads(
+                    (
+                        await stub.Report(
+                            pb.ReportRequest(federation_id="fed", site_id=s), metadata=auth(s), timeout=10
+                        )
+                    ).json
+                )
+                for s in "abc"
+            ]
         return done, config, basis, tail, reports
 
     done, config, basis, tail, reports = asyncio.run(main())
@@ -158,7 +205,9 @@ def test_three_sites_get_the_centralised_basis(world, tmp_path):
     report = reports[0]
     assert report["state"] == "DONE" and [m["p"] for m in report["modules"]] == [m.p for m in modules]
     assert report["aggregated_sites"] == 3  # counted, not named
-    rows = {s: r["sites"][s] for s, r in zip("abc", reports) if list(r["sites"]) == [s]}  # each site sees its own row only
+    rows = {
+        s: r["sites"][s] for s, r in zip("abc", reports) if list(r["sites"]) == [s]
+    }  # each site sees its own row only
     assert {s: r["tasks"] for s, r in rows.items()} == {"a": 1, "b": 2, "c": 2}
     assert {s: r["bytes_received"] for s, r in rows.items()} == {s: world.sites[s].file.stat().st_size for s in "abc"}
     assert {s: r["bytes_sent"] for s, r in rows.items()} == {"a": 0, "b": 2 * len(basis) - 100, "c": 0}
@@ -186,10 +235,16 @@ def test_refused_calls_change_nothing(world, tmp_path):
                 assert check.status == health_pb2.HealthCheckResponse.SERVING
 
             def join(manifest, site="a", token_site="a", fed_id="fed"):
-                return lambda: stub.Join(pb.JoinRequest(federation_id=fed_id, site_id=site, manifest=manifest), metadata=auth(token_site), timeout=10)
+                return lambda: stub.Join(
+                    pb.JoinRequest(federation_id=fed_id, site_id=site, manifest=manifest),
+                    metadata=auth(token_site),
+                    timeout=10,
+                )
 
             ask = pb.StatusRequest(federation_id="fed", site_id="a")
-            await refused(lambda: stub.Status(ask, metadata=auth("nobody"), timeout=5), Code.UNAUTHENTICATED, "not valid")
+            await refused(
+                lambda: stub.Status(ask, metadata=auth("nobody"), timeout=5), Code.UNAUTHENTICATED, "not valid"
+            )
             await refused(lambda: stub.Status(ask, timeout=5), Code.UNAUTHENTICATED, "missing")
             await refused(join(a.manifest, site="b"), Code.PERMISSION_DENIED, "belongs to site a")
             await refused(join(a.manifest, fed_id="other"), Code.NOT_FOUND, "other")
@@ -207,18 +262,35 @@ def test_refused_calls_change_nothing(world, tmp_path):
 
             mods = list(a.manifest.modules)
             first = mods[0]
-            await refused(join(changed(base_model="other/model")), Code.FAILED_PRECONDITION, "base_model", "other/model")
+            await refused(
+                join(changed(base_model="other/model")), Code.FAILED_PRECONDITION, "base_model", "other/model"
+            )
             await refused(join(changed(modules=mods[1:])), Code.FAILED_PRECONDITION, first.name, "missing")
             extra = pb.Module(name="base_model.model.lm_head", out_features=64, in_features=32, rank=4)
             await refused(join(changed(modules=mods + [extra])), Code.FAILED_PRECONDITION, "lm_head", "not one of")
-            wide = pb.Module(name=first.name, out_features=first.out_features + 1, in_features=first.in_features, rank=first.rank)
-            await refused(join(changed(modules=[wide] + mods[1:])), Code.FAILED_PRECONDITION, first.name, f"{first.out_features + 1}x")
-            big = pb.Module(name=first.name, out_features=first.out_features, in_features=first.in_features, rank=first.rank + 4)
-            await refused(join(changed(modules=[big] + mods[1:])), Code.FAILED_PRECONDITION, first.name, f"rank {first.rank + 4}")
-            await refused(join(changed(upload_kind="sketch", sketch_rank=2)), Code.FAILED_PRECONDITION, "'sketch' is not allowed")
+            wide = pb.Module(
+                name=first.name, out_features=first.out_features + 1, in_features=first.in_features, rank=first.rank
+            )
+            await refused(
+                join(changed(modules=[wide] + mods[1:])),
+                Code.FAILED_PRECONDITION,
+                first.name,
+                f"{first.out_features + 1}x",
+            )
+            big = pb.Module(
+                name=first.name, out_features=first.out_features, in_features=first.in_features, rank=first.rank + 4
+            )
+            await refused(
+                join(changed(modules=[big] + mods[1:])), Code.FAILED_PRECONDITION, first.name, f"rank {first.rank + 4}"
+            )
+            await refused(
+                join(changed(upload_kind="sketch", sketch_rank=2)), Code.FAILED_PRECONDITION, "'sketch' is not allowed"
+            )
 
             def put(data, digest=None, site="a"):
-                request = pb.UploadChunkRequest(federation_id="fed", site_id=site, sha256=digest or sha(data), data=data)
+                request = pb.UploadChunkRequest(
+                    federation_id="fed", site_id=site, sha256=digest or sha(data), data=data
+                )
                 return lambda: stub.UploadChunk(request, metadata=auth(site), timeout=10)
 
             await refused(put(b"x"), Code.FAILED_PRECONDITION, "Join first")
@@ -229,7 +301,9 @@ def test_refused_calls_change_nothing(world, tmp_path):
             assert (await put(b"x")()).already_stored is False and (await put(b"x")()).already_stored is True
 
             def commit(*parts):
-                return lambda: stub.Commit(pb.CommitRequest(federation_id="fed", site_id="a", parts=parts), metadata=auth("a"), timeout=30)
+                return lambda: stub.Commit(
+                    pb.CommitRequest(federation_id="fed", site_id="a", parts=parts), metadata=auth("a"), timeout=30
+                )
 
             part = await upload(stub, "fed", "a", a.file, skip_last=True)
             await refused(commit(part), Code.FAILED_PRECONDITION, f"1 of {len(part.chunks)} chunks")
@@ -239,7 +313,11 @@ def test_refused_calls_change_nothing(world, tmp_path):
             sketch = await upload(stub, "fed", "a", world.sites["b"].file)  # a's own chunks, the wrong kind
             await refused(commit(sketch), Code.INVALID_ARGUMENT, "payload kind 'sketch'")
             download = pb.DownloadRequest(federation_id="fed", site_id="a")
-            await refused(lambda: stub.DownloadBasis(download, metadata=auth("a"), timeout=5).read(), Code.FAILED_PRECONDITION, "not DONE")
+            await refused(
+                lambda: stub.DownloadBasis(download, metadata=auth("a"), timeout=5).read(),
+                Code.FAILED_PRECONDITION,
+                "not DONE",
+            )
             await commit(part)()
             await commit(part)()  # the same parts again is fine
             await refused(commit(sketch), Code.FAILED_PRECONDITION, "already committed")
@@ -261,9 +339,15 @@ def test_tls_and_mutual_tls(world, tmp_path):
         async with serving(plain, grpc.ssl_channel_credentials(read("ca_cert")), target="localhost") as (stub, _, _):
             assert (await status(stub, "a")).state == "OPEN"
         mutual = coordinator_config(tmp_path / "mtls", fed, insecure=False, tls=mtls)
-        async with serving(mutual, grpc.ssl_channel_credentials(read("ca_cert"), read("a_key"), read("a_cert"))) as (stub, _, port):
+        async with serving(mutual, grpc.ssl_channel_credentials(read("ca_cert"), read("a_key"), read("a_cert"))) as (
+            stub,
+            _,
+            port,
+        ):
             assert (await status(stub, "a")).state == "OPEN"
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(read("ca_cert"))) as anonymous:
+            async with grpc.aio.secure_channel(
+                f"127.0.0.1:{port}", grpc.ssl_channel_credentials(read("ca_cert"))
+            ) as anonymous:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await status(pb_grpc.FederationStub(anonymous), "a")
                 assert e.value.code() == Code.UNAVAILABLE
@@ -284,7 +368,9 @@ def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
     async def main():
         async with serving(config) as (stub, _, _):
             parts = {s: await join_and_commit(stub, world, s) for s in "ab"}
-            await stub.Join(pb.JoinRequest(federation_id="fed", site_id="c", manifest=c.manifest), metadata=auth("c"), timeout=10)
+            await stub.Join(
+                pb.JoinRequest(federation_id="fed", site_id="c", manifest=c.manifest), metadata=auth("c"), timeout=10
+            )
             part_c = await upload(stub, "fed", "c", c.file, skip_last=True)
         # What a coordinator killed mid-write leaves behind: a half-written chunk, a commit's staging.
         site_c = tmp_path / "state" / "fed" / "sites" / "c"
@@ -300,7 +386,13 @@ def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
             assert list((await stub.MissingChunks(ask, metadata=auth("c"), timeout=10)).sha256) == part_c.chunks[-1:]
             waiting_c = await status(stub, "c")
             # Traffic is saved at each stage's end: a's commit is one, c's unfinished upload not yet.
-            a_row = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+            a_row = json.loads(
+                (
+                    await stub.Report(
+                        pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10
+                    )
+                ).json
+            )
             assert a_row["sites"]["a"]["bytes_received"] == world.sites["a"].file.stat().st_size
             assert not (site_c / "traffic.json").exists()
             assert waiting_c.committed_sites == [] and "2 of 3 sites committed" in waiting_c.message
@@ -310,7 +402,9 @@ def test_restart_keeps_every_acknowledged_upload(world, tmp_path):
         # A coordinator killed mid-aggregation (phase CLOSING, no result yet) aggregates on start.
         shutil.rmtree(fed_dir / "result")
         phase = json.loads((fed_dir / "phase.json").read_text())
-        (fed_dir / "phase.json").write_text(json.dumps(phase | {"phase": "CLOSING", "message": "aggregating 3 sites", "finished": None}))
+        (fed_dir / "phase.json").write_text(
+            json.dumps(phase | {"phase": "CLOSING", "message": "aggregating 3 sites", "finished": None})
+        )
         async with serving(config) as (stub, _, _):
             again = await status(stub, "a", wait=30)
         return done, again
@@ -336,7 +430,9 @@ def test_deadline_closes_with_or_without_quorum(world, tmp_path):
     async def main():
         async with serving(coordinator_config(tmp_path / "state", quorum, lonely)) as (stub, _, _):
             started = time.monotonic()
-            await asyncio.gather(join_and_commit(stub, world, "a", "quorum"), join_and_commit(stub, world, "b", "quorum"))
+            await asyncio.gather(
+                join_and_commit(stub, world, "a", "quorum"), join_and_commit(stub, world, "b", "quorum")
+            )
             await join_and_commit(stub, world, "a", "lonely")
             assert time.monotonic() - started < deadline, "commits took longer than the deadline; raise it"
             done = await status(stub, "a", "quorum", wait=30)
@@ -365,10 +461,22 @@ def test_deadline_counts_from_the_first_start_across_restarts(world, tmp_path):
         started = time.monotonic()
         async with serving(config) as (stub, _, _):
             await join_and_commit(stub, world, "a")
-            first = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+            first = json.loads(
+                (
+                    await stub.Report(
+                        pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10
+                    )
+                ).json
+            )
         await asyncio.sleep(max(0.0, started + deadline / 2 - time.monotonic()))
         async with serving(config) as (stub, _, _):  # restarted halfway to the deadline; b never commits
-            again = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10)).json)
+            again = json.loads(
+                (
+                    await stub.Report(
+                        pb.ReportRequest(federation_id="fed", site_id="a"), metadata=auth("a"), timeout=10
+                    )
+                ).json
+            )
             done = await status(stub, "a", wait=3 * deadline)
         return first, again, done, time.monotonic() - started
 
@@ -390,15 +498,21 @@ def two_sites(adapters, world, tmp_path_factory):
         spectra[site] = root / f"{site}.safetensors"
         write_spectra(shard, world.specs, spectra[site])
         manifests[site] = pb.SiteManifest(
-            base_model=world.base_model, modules=world.sites["a"].manifest.modules, tasks=[a.name for a in shard],
-            upload_kind="spectra", lora_numbers=numbers_original(shard), tool_version="test",
+            base_model=world.base_model,
+            modules=world.sites["a"].manifest.modules,
+            tasks=[a.name for a in shard],
+            upload_kind="spectra",
+            lora_numbers=numbers_original(shard),
+            tool_version="test",
         )
     return SimpleNamespace(shards=shards, spectra=spectra, manifests=manifests)
 
 
 async def commit_file(stub, site, file):
     part = await upload(stub, "fed", site, file)
-    await stub.Commit(pb.CommitRequest(federation_id="fed", site_id=site, parts=[part]), metadata=auth(site), timeout=30)
+    await stub.Commit(
+        pb.CommitRequest(federation_id="fed", site_id=site, parts=[part]), metadata=auth(site), timeout=30
+    )
 
 
 async def curves_of(stub, world, two_sites, site, tmp_path):
@@ -413,13 +527,18 @@ async def curves_of(stub, world, two_sites, site, tmp_path):
 async def spectra_round(stub, two_sites) -> None:
     """Method auto's first round: both sites join and commit their spectra."""
     for site in "ab":
-        await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]), metadata=auth(site), timeout=10)
+        await stub.Join(
+            pb.JoinRequest(federation_id="fed", site_id=site, manifest=two_sites.manifests[site]),
+            metadata=auth(site),
+            timeout=10,
+        )
         await commit_file(stub, site, two_sites.spectra[site])
 
 
 def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, world, two_sites, tmp_path):
     """Method auto: spectra -> CURVES (bases served) -> curves -> DONE with the centralised plan, across
-    a coordinator restart between the two sites' curves. The config leaves the budget at its default, as `rmm merge` does."""
+    a coordinator restart between the two sites' curves. The config leaves the budget at its default, as `rmm merge`
+    does."""
     shards, spectra, manifests = two_sites.shards, two_sites.spectra, two_sites.manifests
     fed = federation(world, sites="ab", merge=MergeOptions(), upload_kinds=None)
     config = coordinator_config(tmp_path / "state", fed)
@@ -428,10 +547,16 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
     async def main():
         async with serving(config) as (stub, _, _):
             for site in "ab":
-                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifests[site]), metadata=auth(site), timeout=10)
+                await stub.Join(
+                    pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifests[site]),
+                    metadata=auth(site),
+                    timeout=10,
+                )
             wrong = world.sites["a"].manifest
             with pytest.raises(grpc.aio.AioRpcError, match="method auto, whose sites upload 'spectra'"):
-                await stub.Join(pb.JoinRequest(federation_id="fed", site_id="a", manifest=wrong), metadata=auth("a"), timeout=10)
+                await stub.Join(
+                    pb.JoinRequest(federation_id="fed", site_id="a", manifest=wrong), metadata=auth("a"), timeout=10
+                )
             with pytest.raises(grpc.aio.AioRpcError, match="FAILED_PRECONDITION|not DONE"):
                 await download(stub, "a")  # nothing to download while OPEN
             for site in "ab":
@@ -451,13 +576,21 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
         return curves_state, waiting, resumed, done, basis
 
     curves_state, waiting, resumed, done, basis = asyncio.run(main())
-    assert curves_state.state == "CURVES" and waiting.state == "CURVES" and resumed.state == "CURVES", curves_state.message
+    assert curves_state.state == "CURVES" and waiting.state == "CURVES" and resumed.state == "CURVES", (
+        curves_state.message
+    )
     assert "waiting for the curves of 1 of 2 sites" in resumed.message
     assert done.state == "DONE", done.message
     (tmp_path / "basis.safetensors").write_bytes(basis)
     central = merge(adapters, tmp_path / "central", MergeOptions(), progress=False)
     for i, shard in shards.items():
-        site = merge([a.path for a in shard], tmp_path / f"site-{i}", MergeOptions(), basis=tmp_path / "basis.safetensors", progress=False)
+        site = merge(
+            [a.path for a in shard],
+            tmp_path / f"site-{i}",
+            MergeOptions(),
+            basis=tmp_path / "basis.safetensors",
+            progress=False,
+        )
         for a in shard:
             for name, err in site.report.errors[a.name].items():
                 assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6)
@@ -466,7 +599,9 @@ def test_auto_rounds_survive_a_restart_and_refuse_uploads_out_of_turn(adapters, 
 
 def test_auto_fails_at_the_deadline_of_its_second_round(world, two_sites, tmp_path):
     """A site that sent its spectra but never its curves: the federation fails (the log names it, sites see a count)."""
-    fed = federation(world, sites="ab", merge=MergeOptions(storage_ratio=0.5), upload_kinds=None, deadline_seconds=8, min_sites=2)
+    fed = federation(
+        world, sites="ab", merge=MergeOptions(storage_ratio=0.5), upload_kinds=None, deadline_seconds=8, min_sites=2
+    )
     config = coordinator_config(tmp_path / "state", fed)
 
     async def main():
@@ -502,33 +637,67 @@ def test_each_site_learns_only_about_itself_within_its_quotas(world, tmp_path):
 
     async def main():
         async with serving(coordinator_config(state_dir, fed)) as (stub, _, _):
+
             async def refused(site, manifest=None, chunk=None):
                 before = snapshot(state_dir)
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     if chunk is None:
-                        await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifest), metadata=auth(site), timeout=10)
+                        await stub.Join(
+                            pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifest),
+                            metadata=auth(site),
+                            timeout=10,
+                        )
                     else:
-                        request = pb.UploadChunkRequest(federation_id="fed", site_id=site, sha256=sha(chunk), data=chunk)
+                        request = pb.UploadChunkRequest(
+                            federation_id="fed", site_id=site, sha256=sha(chunk), data=chunk
+                        )
                         await stub.UploadChunk(request, metadata=auth(site), timeout=10)
                 assert snapshot(state_dir) == before
                 return e.value
 
-            await stub.Join(pb.JoinRequest(federation_id="fed", site_id="a", manifest=a.manifest), metadata=auth("a"), timeout=10)
+            await stub.Join(
+                pb.JoinRequest(federation_id="fed", site_id="a", manifest=a.manifest), metadata=auth("a"), timeout=10
+            )
             taken = await refused("b", _manifest(b.manifest, tasks=[*b.manifest.tasks, a.manifest.tasks[0]]))
-            names = [await refused("b", _manifest(b.manifest, tasks=[name])) for name in ("", "a\nb", "../../etc/passwd", "x" * 200)]
+            names = [
+                await refused("b", _manifest(b.manifest, tasks=[name]))
+                for name in ("", "a\nb", "../../etc/passwd", "x" * 200)
+            ]
             many = await refused("b", _manifest(b.manifest, tasks=[f"t{i}" for i in range(20_001)]))
             clock = time.perf_counter()
             for site in "bc":  # b's two tasks 10,000 times over
-                manifest = _manifest(b.manifest, tasks=[f"{site}{i}" for i in range(20_000)], lora_numbers=10_000 * b.manifest.lora_numbers)
-                await stub.Join(pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifest), metadata=auth(site), timeout=10)
+                manifest = _manifest(
+                    b.manifest,
+                    tasks=[f"{site}{i}" for i in range(20_000)],
+                    lora_numbers=10_000 * b.manifest.lora_numbers,
+                )
+                await stub.Join(
+                    pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifest),
+                    metadata=auth(site),
+                    timeout=10,
+                )
             joins = time.perf_counter() - clock
             for i in range(2):
                 data = bytes([i]) * CHUNK
-                await stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=sha(data), data=data), metadata=auth("a"), timeout=10)
+                await stub.UploadChunk(
+                    pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=sha(data), data=data),
+                    metadata=auth("a"),
+                    timeout=10,
+                )
             full = await refused("a", chunk=b"\x02" * CHUNK)
             other = bytes([3]) * CHUNK  # the quota is per site: b uploads as much again
-            await stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="b", sha256=sha(other), data=other), metadata=auth("b"), timeout=10)
-            report = json.loads((await stub.Report(pb.ReportRequest(federation_id="fed", site_id="b"), metadata=auth("b"), timeout=10)).json)
+            await stub.UploadChunk(
+                pb.UploadChunkRequest(federation_id="fed", site_id="b", sha256=sha(other), data=other),
+                metadata=auth("b"),
+                timeout=10,
+            )
+            report = json.loads(
+                (
+                    await stub.Report(
+                        pb.ReportRequest(federation_id="fed", site_id="b"), metadata=auth("b"), timeout=10
+                    )
+                ).json
+            )
         return taken, names, many, joins, full, report
 
     taken, names, many, joins, full, report = asyncio.run(main())
@@ -556,16 +725,24 @@ def test_acknowledged_curves_chunks_survive_a_restart(world, two_sites, tmp_path
             curves = await curves_of(stub, world, two_sites, "a", tmp_path)
             part = await upload(stub, "fed", "a", curves)
             stale = b"a chunk of an upload the site abandoned"
-            await stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=sha(stale), data=stale), metadata=auth("a"), timeout=10)
+            await stub.UploadChunk(
+                pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=sha(stale), data=stale),
+                metadata=auth("a"),
+                timeout=10,
+            )
         async with serving(config) as (stub, _, _):
             ask = pb.MissingChunksRequest(federation_id="fed", site_id="a", sha256=part.chunks)
             missing = list((await stub.MissingChunks(ask, metadata=auth("a"), timeout=10)).sha256)
-            await stub.Commit(pb.CommitRequest(federation_id="fed", site_id="a", parts=[part]), metadata=auth("a"), timeout=30)
+            await stub.Commit(
+                pb.CommitRequest(federation_id="fed", site_id="a", parts=[part]), metadata=auth("a"), timeout=30
+            )
             return missing, await status(stub, "a")
 
     missing, after = asyncio.run(main())
     assert missing == [] and after.state == "CURVES" and "waiting for the curves of 1 of 2 sites" in after.message
-    assert not list((tmp_path / "state" / "fed" / "sites" / "a" / "chunks").iterdir())  # the commit ends the round's uploads
+    assert not list(
+        (tmp_path / "state" / "fed" / "sites" / "a" / "chunks").iterdir()
+    )  # the commit ends the round's uploads
 
 
 def test_lora_numbers_are_checked_not_trusted(world, two_sites, tmp_path):
@@ -578,9 +755,12 @@ def test_lora_numbers_are_checked_not_trusted(world, two_sites, tmp_path):
 
     async def main():
         async with serving(coordinator_config(tmp_path / "state", fed)) as (stub, _, _):
+
             def join(numbers):
                 m = _manifest(manifest, lora_numbers=numbers)
-                return stub.Join(pb.JoinRequest(federation_id="fed", site_id="a", manifest=m), metadata=auth("a"), timeout=10)
+                return stub.Join(
+                    pb.JoinRequest(federation_id="fed", site_id="a", manifest=m), metadata=auth("a"), timeout=10
+                )
 
             out = []
             for numbers in (10**12, 1):
@@ -598,4 +778,8 @@ def test_lora_numbers_are_checked_not_trusted(world, two_sites, tmp_path):
     big, small, off = asyncio.run(main())
     for e in (big, small):
         assert e.code() == Code.INVALID_ARGUMENT and "lora_numbers" in e.details(), e.details()
-    assert off.code() == Code.INVALID_ARGUMENT and f"lora_numbers {true - 1}" in off.details() and str(true) in off.details(), off.details()
+    assert (
+        off.code() == Code.INVALID_ARGUMENT
+        and f"lora_numbers {true - 1}" in off.details()
+        and str(true) in off.details()
+    ), off.details()

@@ -121,11 +121,16 @@ def test_same_spec_same_adapters_and_spec_changes_the_key(built, tmp_path, monke
 def test_fresh_builds_are_identical_whatever_kernels_and_threads_the_caller_has(tmp_path):
     """Two builds, each from its own fresh process: one as this machine sets torch up, one with the kernels
     another CPU would get (AVX2 in torch and MKL) and two OpenMP threads. Same bytes, base and adapter."""
-    code = "import sys; from rmm import examples; examples.TRAIN['steps'] = 20; examples.build_examples(sys.argv[1], tasks=['majority'], progress=False)"
+    code = (
+        "import sys; from rmm import examples; examples.TRAIN['steps'] = 20; "
+        "examples.build_examples(sys.argv[1], tasks=['majority'], progress=False)"
+    )
     other = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "2"}
     built = []
     for name, env in (("here", {}), ("other", other)):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], env=os.environ | env, check=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / name)], env=os.environ | env, check=True, timeout=300
+        )
         (key,) = (tmp_path / name).iterdir()
         built.append({f.relative_to(key): f.read_bytes() for f in key.rglob("*.safetensors")})
     assert built[0].keys() == built[1].keys() and len(built[0]) == 2

@@ -35,14 +35,30 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 LLAMA = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    pad_token_id=0,
 )
 GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
 TRUE_RANK = 3
-LLAMA_LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]
+LLAMA_LINEARS = [
+    f"model.layers.{i}.{m}"
+    for i in range(2)
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+] + ["lm_head"]
 
 
 def _perturb(model: torch.nn.Module, seed: int, *, norm: bool = False, only=None) -> dict[str, torch.Tensor]:
@@ -56,7 +72,9 @@ def _perturb(model: torch.nn.Module, seed: int, *, norm: bool = False, only=None
         for name, mod in model.named_modules():
             if isinstance(mod, (torch.nn.Linear, Conv1D)) and (only is None or name.endswith(only)):
                 out_f, in_f = mod.weight.shape if isinstance(mod, torch.nn.Linear) else mod.weight.shape[::-1]
-                delta = 0.05 * torch.randn(out_f, TRUE_RANK, generator=gen) @ torch.randn(TRUE_RANK, in_f, generator=gen)
+                delta = (
+                    0.05 * torch.randn(out_f, TRUE_RANK, generator=gen) @ torch.randn(TRUE_RANK, in_f, generator=gen)
+                )
                 mod.weight += delta if isinstance(mod, torch.nn.Linear) else delta.T
                 deltas[name] = delta
         if norm:
@@ -70,8 +88,9 @@ def _lora_dw(out_dir: Path) -> dict[str, torch.Tensor]:
     scale = config["lora_alpha"] / config["r"]
     w = load_file(out_dir / "adapter_model.safetensors")
     return {
-        k[len(PREFIX):-len(".lora_A.weight")]: scale * w[k.replace("lora_A", "lora_B")].double() @ w[k].double()
-        for k in w if k.endswith(".lora_A.weight")
+        k[len(PREFIX) : -len(".lora_A.weight")]: scale * w[k.replace("lora_A", "lora_B")].double() @ w[k].double()
+        for k in w
+        if k.endswith(".lora_A.weight")
     }
 
 
@@ -185,7 +204,9 @@ def test_gpt2_checkpoint_without_base_model_prefix(tmp_path):
     assert sorted(summary["modules"]) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
 
     ft = GPT2LMHeadModel.from_pretrained(tmp_path / "ft").eval()
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter"
+    )
     torch.testing.assert_close(_logits(peft_model.eval(), IDS), _logits(ft, IDS), atol=1e-4, rtol=0)
 
 
@@ -336,7 +357,23 @@ def test_cli_extract_then_merge_reverts_the_extracted_adapters(llama, tmp_path, 
     outs = []
     for ft, rank in (("ft", TRUE_RANK), ("ft_norm", TRUE_RANK - 1)):
         out = tmp_path / f"{ft}_r{rank}"
-        assert main(["extract", "--base", str(root / "base"), "--finetuned", str(root / ft), "--rank", str(rank), "--out", str(out), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "extract",
+                    "--base",
+                    str(root / "base"),
+                    "--finetuned",
+                    str(root / ft),
+                    "--rank",
+                    str(rank),
+                    "--out",
+                    str(out),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         summary = json.loads(capsys.readouterr().out)
         assert summary["r"] == rank and (ft == "ft") == (summary["skipped"] == {})
         outs.append(out)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 import yaml
@@ -111,29 +110,69 @@ def test_coordinator_and_two_sites_in_their_own_processes_over_mtls(ray_cluster,
     port = _free_port()
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=OPTIONS,
-        sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()}, min_sites=2, deadline_seconds=300,
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        merge=OPTIONS,
+        sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()},
+        min_sites=2,
+        deadline_seconds=300,
     )
     config = {
-        "port": port, "state_dir": str(tmp_path / "state"), "federations": [federation.model_dump(mode="json")],
+        "port": port,
+        "state_dir": str(tmp_path / "state"),
+        "federations": [federation.model_dump(mode="json")],
         "tls": {"cert": str(certs["server_cert"]), "key": str(certs["server_key"]), "client_ca": str(certs["ca_cert"])},
     }
     (tmp_path / "fed.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     rmm = [sys.executable, "-m", "rmm.cli"]
-    server = subprocess.Popen([*rmm, "coordinator", "serve", "--config", str(tmp_path / "fed.yaml")], env=env, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [*rmm, "coordinator", "serve", "--config", str(tmp_path / "fed.yaml")],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sites = []
     try:
         address = ray_cluster.get_runtime_context().gcs_address
         for site, shard in (("a", seven[:3]), ("b", seven[3:])):
             (tmp_path / f"{site}.token").write_text(tokens[site])
-            sites.append(subprocess.Popen(
-                [*rmm, "site", "run", "--coordinator", f"127.0.0.1:{port}", "--federation", "fed", "--site", site,
-                 "--token-file", str(tmp_path / f"{site}.token"), "--ca", str(certs["ca_cert"]), "--cert", str(certs[f"{site}_cert"]),
-                 "--key", str(certs[f"{site}_key"]), "--adapters", *map(str, shard), "--canonicalize",
-                 "--ray-address", address, "--out", str(tmp_path / site), "--json"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            ))
+            sites.append(
+                subprocess.Popen(
+                    [
+                        *rmm,
+                        "site",
+                        "run",
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        "--federation",
+                        "fed",
+                        "--site",
+                        site,
+                        "--token-file",
+                        str(tmp_path / f"{site}.token"),
+                        "--ca",
+                        str(certs["ca_cert"]),
+                        "--cert",
+                        str(certs[f"{site}_cert"]),
+                        "--key",
+                        str(certs[f"{site}_key"]),
+                        "--adapters",
+                        *map(str, shard),
+                        "--canonicalize",
+                        "--ray-address",
+                        address,
+                        "--out",
+                        str(tmp_path / site),
+                        "--json",
+                    ],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         for p in sites:
             out, err = p.communicate(timeout=240)
             assert p.returncode == 0, err[-3000:]
@@ -150,16 +189,26 @@ def test_upload_resumes_after_a_dropped_connection_and_a_coordinator_restart(sev
     """Chunks acknowledged before the drop are not sent again, even to a restarted coordinator."""
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2),
-        sites={"a": Site(token_sha256=token_hash("t"))}, upload_kinds=["factors"],
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        merge=MergeOptions(basis_size=2),
+        sites={"a": Site(token_sha256=token_hash("t"))},
+        upload_kinds=["factors"],
     )
     config = CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
     modules = plan_modules(module_specs(adapters), 7, numbers_original(adapters), MergeOptions(basis_size=2))
     payload = tmp_path / "a.safetensors"
     write_payload(adapters, modules, payload, "factors")
     manifest = pb.SiteManifest(
-        base_model=federation.base_model, tasks=[a.name for a in adapters], upload_kind="factors", lora_numbers=numbers_original(adapters),
-        modules=[pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in federation.modules],
+        base_model=federation.base_model,
+        tasks=[a.name for a in adapters],
+        upload_kind="factors",
+        lora_numbers=numbers_original(adapters),
+        modules=[
+            pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank)
+            for m in federation.modules
+        ],
     )
     chunk = 4096
     credentials = Credentials(token="t", insecure=True)
@@ -172,7 +221,12 @@ def test_upload_resumes_after_a_dropped_connection_and_a_coordinator_restart(sev
     assert total > 4
     for i in range(3):  # the connection drops after three acknowledged chunks
         block = data[i * chunk : (i + 1) * chunk]
-        client.stub.UploadChunk(pb.UploadChunkRequest(federation_id="fed", site_id="a", sha256=hashlib.sha256(block).hexdigest(), data=block), metadata=client.metadata)
+        client.stub.UploadChunk(
+            pb.UploadChunkRequest(
+                federation_id="fed", site_id="a", sha256=hashlib.sha256(block).hexdigest(), data=block
+            ),
+            metadata=client.metadata,
+        )
     client.close()
     coordinator.stop()
 
@@ -192,14 +246,25 @@ def test_upload_resumes_after_a_dropped_connection_and_a_coordinator_restart(sev
 def test_unauthenticated_site_cannot_join(seven, tmp_path):
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2),
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        merge=MergeOptions(basis_size=2),
         sites={"a": Site(token_sha256=token_hash("t"))},
     )
-    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
+    coordinator = BackgroundCoordinator(
+        CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
+    )
     try:
-        client = FederationClient(f"127.0.0.1:{coordinator.port}", "fed", "a", Credentials(token="wrong", insecure=True), timeout=5)
+        client = FederationClient(
+            f"127.0.0.1:{coordinator.port}", "fed", "a", Credentials(token="wrong", insecure=True), timeout=5
+        )
         # One line carrying the coordinator's message, not a gRPC traceback.
-        with pytest.raises(RMMError, match=r"^coordinator 127\.0\.0\.1:\d+: Join failed \(UNAUTHENTICATED\): the token is not valid for any site"):
+        with pytest.raises(
+            RMMError,
+            match=r"^coordinator 127\.0\.0\.1:\d+: Join failed \(UNAUTHENTICATED\): the token is not valid for any "
+            r"site",
+        ):
             client.join(pb.SiteManifest(base_model=federation.base_model, tasks=["x"], upload_kind="moments"))
         client.close()
     finally:
@@ -234,13 +299,18 @@ def test_a_federation_holds_its_merge_options_as_rmm_merge_reads_them(tmp_path):
     one_line = r"fed\.yaml: invalid config at federations\.0\.merge: .*canonicalize apply to method rmm-paper[^\n]*$"
     with pytest.raises(RMMError, match=one_line):
         load("merge: {method: auto, canonicalize: true}")
-    with pytest.raises(RMMError, match=r"at federations\.0\.storage_ratio: Extra inputs are not permitted; merge options go under merge:"):
+    with pytest.raises(
+        RMMError,
+        match=r"at federations\.0\.storage_ratio: Extra inputs are not permitted; merge options go under merge:",
+    ):
         load("storage_ratio: 0.5")
 
 
 def test_config_errors_name_the_file_and_field(tmp_path):
     bad = tmp_path / "fed.yaml"
-    bad.write_text("port: 1\ninsecure: true\nfederations: [{id: f, base_model: m, modules: [], sites: {}, colour: red}]\n")
+    bad.write_text(
+        "port: 1\ninsecure: true\nfederations: [{id: f, base_model: m, modules: [], sites: {}, colour: red}]\n"
+    )
     with pytest.raises(RMMError, match=r"fed.yaml: invalid config at federations\.0"):
         load_config(bad)
     bad.write_text("port: 1\n")
@@ -252,7 +322,11 @@ def test_one_coordinator_per_state_directory_and_one_token_per_site(seven, tmp_p
     adapters = [open_adapter(p) for p in seven]
     sites = {"a": Site(token_sha256=token_hash("t"))}
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2), sites=sites
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        merge=MergeOptions(basis_size=2),
+        sites=sites,
     )
     config = CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
     first = BackgroundCoordinator(config)
@@ -263,7 +337,9 @@ def test_one_coordinator_per_state_directory_and_one_token_per_site(seven, tmp_p
         first.stop()
     BackgroundCoordinator(config).stop()  # the lock went with the first one
     with pytest.raises(ValueError, match="two sites share a token"):
-        FederationConfig(id="f", base_model="m", modules=module_specs(adapters), sites={"a": sites["a"], "b": sites["a"]})
+        FederationConfig(
+            id="f", base_model="m", modules=module_specs(adapters), sites={"a": sites["a"], "b": sites["a"]}
+        )
 
 
 def test_site_restarted_with_other_actors_and_adapter_order_comes_back(ray_cluster, seven, tmp_path):
@@ -276,14 +352,28 @@ def test_site_restarted_with_other_actors_and_adapter_order_comes_back(ray_clust
     revert(tmp_path / "central" / "bundle", tmp_path / "central" / "reverted", progress=False)
     opened = [open_adapter(p) for p in adapters]
     federation = FederationConfig(
-        id="fed", base_model=opened[0].base_model, modules=module_specs(opened), merge=options,
+        id="fed",
+        base_model=opened[0].base_model,
+        modules=module_specs(opened),
+        merge=options,
         sites={"a": Site(token_sha256=token_hash("t"))},
     )
-    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
+    coordinator = BackgroundCoordinator(
+        CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
+    )
 
     def run(actors, dirs, on_stage=lambda site, stage: None):
-        return run_site(f"127.0.0.1:{coordinator.port}", "fed", "a", Credentials(token="t", insecure=True), dirs, tmp_path / "site",
-                        actors=actors, wait_timeout=120, on_stage=on_stage)
+        return run_site(
+            f"127.0.0.1:{coordinator.port}",
+            "fed",
+            "a",
+            Credentials(token="t", insecure=True),
+            dirs,
+            tmp_path / "site",
+            actors=actors,
+            wait_timeout=120,
+            on_stage=on_stage,
+        )
 
     class Died(Exception):
         pass
@@ -298,7 +388,9 @@ def test_site_restarted_with_other_actors_and_adapter_order_comes_back(ray_clust
         report = run(1, adapters[::-1])
     finally:
         coordinator.stop()
-    assert report["bytes_up"] < (tmp_path / "site" / "work" / "0" / "a-0.payload.safetensors").stat().st_size  # only its curves
+    assert (
+        report["bytes_up"] < (tmp_path / "site" / "work" / "0" / "a-0.payload.safetensors").stat().st_size
+    )  # only its curves
     _assert_same_adapters(tmp_path / "site" / "reverted", tmp_path / "central" / "reverted", [p.name for p in adapters])
 
 
@@ -307,38 +399,84 @@ def test_site_and_coordinator_failures_are_one_line_errors(ray_cluster, seven, t
     a coordinator whose TLS key is not a PEM key says so, naming the file."""
     adapters = [open_adapter(p) for p in seven]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), sites={"a": Site(token_sha256=token_hash("t"))},
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        sites={"a": Site(token_sha256=token_hash("t"))},
     )
-    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
+    coordinator = BackgroundCoordinator(
+        CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
+    )
     (tmp_path / "token").write_text("wrong")
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "rmm.cli", "site", "run", "--coordinator", f"127.0.0.1:{coordinator.port}", "--federation", "fed", "--site", "a",
-             "--token-file", str(tmp_path / "token"), "--insecure", "--adapters", *map(str, seven[:2]), "--out", str(tmp_path / "out"),
-             "--ray-address", ray_cluster.get_runtime_context().gcs_address, "--json"],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "rmm.cli",
+                "site",
+                "run",
+                "--coordinator",
+                f"127.0.0.1:{coordinator.port}",
+                "--federation",
+                "fed",
+                "--site",
+                "a",
+                "--token-file",
+                str(tmp_path / "token"),
+                "--insecure",
+                "--adapters",
+                *map(str, seven[:2]),
+                "--out",
+                str(tmp_path / "out"),
+                "--ray-address",
+                ray_cluster.get_runtime_context().gcs_address,
+                "--json",
+            ],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         coordinator.stop()
     assert run.returncode == 2, run.stderr[-2000:]
     assert "Traceback" not in run.stdout + run.stderr
     errors = [line for line in (run.stdout + run.stderr).splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "Join failed (UNAUTHENTICATED): the token is not valid for any site" in errors[0], run.stderr[-2000:]
+    assert len(errors) == 1 and "Join failed (UNAUTHENTICATED): the token is not valid for any site" in errors[0], (
+        run.stderr[-2000:]
+    )
     certs = make_dev_certs(tmp_path / "certs", ["a"])
     (tmp_path / "bad.key").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
-    config = CoordinatorConfig(port=0, state_dir=tmp_path / "tls", federations=[federation],
-                               tls={"cert": certs["server_cert"], "key": tmp_path / "bad.key"})
+    config = CoordinatorConfig(
+        port=0,
+        state_dir=tmp_path / "tls",
+        federations=[federation],
+        tls={"cert": certs["server_cert"], "key": tmp_path / "bad.key"},
+    )
     with pytest.raises(RMMError, match=r"bad\.key: not a PEM private key"):
         BackgroundCoordinator(config)
-    config = CoordinatorConfig(port=0, state_dir=tmp_path / "tls", federations=[federation],
-                               tls={"cert": certs["server_cert"], "key": certs["a_key"]})
+    config = CoordinatorConfig(
+        port=0,
+        state_dir=tmp_path / "tls",
+        federations=[federation],
+        tls={"cert": certs["server_cert"], "key": certs["a_key"]},
+    )
     with pytest.raises(RMMError, match=r"a\.key.*does not belong to the certificate"):
         BackgroundCoordinator(config)
 
 
 def test_client_retries_an_unreachable_coordinator_for_its_retry_time_then_says_so(tmp_path):
-    """Nothing listens: every attempt is UNAVAILABLE; the client retries (one log line each) for Retry.seconds, then one RMMError."""
-    client = FederationClient(f"127.0.0.1:{_free_port()}", "fed", "a", Credentials(token="t", insecure=True), timeout=30, retry=Retry(seconds=2))
+    """Nothing listens: every attempt is UNAVAILABLE; the client retries (one log line each) for Retry.seconds, then
+    one RMMError."""
+    client = FederationClient(
+        f"127.0.0.1:{_free_port()}",
+        "fed",
+        "a",
+        Credentials(token="t", insecure=True),
+        timeout=30,
+        retry=Retry(seconds=2),
+    )
     clock = time.monotonic()
     with pytest.raises(RMMError, match=r"Status failed \(UNAVAILABLE\): .* \(retried for 2 s\)$"):
         client.status()
@@ -352,15 +490,22 @@ def test_a_coordinator_certificate_the_site_cannot_verify_fails_at_once(seven, t
     adapters = [open_adapter(p) for p in seven]
     ours, theirs = make_dev_certs(tmp_path / "ours", ["a"]), make_dev_certs(tmp_path / "theirs", ["a"])
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), sites={"a": Site(token_sha256=token_hash("t"))},
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        sites={"a": Site(token_sha256=token_hash("t"))},
     )
     tls = {"cert": ours["server_cert"], "key": ours["server_key"], "client_ca": ours["ca_cert"]}
-    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", tls=tls, federations=[federation]))
+    coordinator = BackgroundCoordinator(
+        CoordinatorConfig(port=0, state_dir=tmp_path / "state", tls=tls, federations=[federation])
+    )
     wrong_ca = Credentials(token="t", ca=theirs["ca_cert"], cert=ours["a_cert"], key=ours["a_key"])
     client = FederationClient(f"127.0.0.1:{coordinator.port}", "fed", "a", wrong_ca, retry=Retry(seconds=60))
     clock = time.monotonic()
     try:
-        with pytest.raises(RMMError, match=r"Status failed \(UNAVAILABLE\): TLS handshake with the coordinator failed .*--ca"):
+        with pytest.raises(
+            RMMError, match=r"Status failed \(UNAVAILABLE\): TLS handshake with the coordinator failed .*--ca"
+        ):
             client.status()
     finally:
         client.close()

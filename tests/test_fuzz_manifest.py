@@ -19,8 +19,36 @@ from rmm.summary import inspect_bundle
 # Values a crafted or damaged manifest may hold anywhere: wrong types, path-like names, extreme numbers,
 # bogus dtypes and methods. "{root}" becomes the example's temporary folder (an absolute path a name may aim at).
 BAD = [
-    None, True, 0, -1, -(2**63), 2**64, 10**30, 1e308, float("nan"), float("inf"), -0.5, "", " ", ".", "..", "../victim",
-    "a/b", "{root}/victim", "task0", "nn", "float128", "int8", "joint", "truncate", "shared", "rmm-bundle/1", [], [1, 2], {}, {"task0": 1},
+    None,
+    True,
+    0,
+    -1,
+    -(2**63),
+    2**64,
+    10**30,
+    1e308,
+    float("nan"),
+    float("inf"),
+    -0.5,
+    "",
+    " ",
+    ".",
+    "..",
+    "../victim",
+    "a/b",
+    "{root}/victim",
+    "task0",
+    "nn",
+    "float128",
+    "int8",
+    "joint",
+    "truncate",
+    "shared",
+    "rmm-bundle/1",
+    [],
+    [1, 2],
+    {},
+    {"task0": 1},
 ]
 
 
@@ -58,7 +86,10 @@ def _mutate(manifest, path, op, value):
 
 
 def _tree(root):
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

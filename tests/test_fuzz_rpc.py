@@ -55,13 +55,22 @@ def served(adapters, tmp_path):
     opened = open_adapters(adapters)
     specs = module_specs(opened)
     manifest = pb.SiteManifest(
-        base_model=opened[0].base_model, tasks=[a.name for a in opened], upload_kind="moments", lora_numbers=numbers_original(opened),
-        modules=[pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in specs],
+        base_model=opened[0].base_model,
+        tasks=[a.name for a in opened],
+        upload_kind="moments",
+        lora_numbers=numbers_original(opened),
+        modules=[
+            pb.Module(name=m.name, out_features=m.out_features, in_features=m.in_features, rank=m.rank) for m in specs
+        ],
     )
     sites = {s: Site(token_sha256=token_hash(f"token-{s}")) for s in "ab"}
     feds = [
-        FederationConfig(id="open", base_model=manifest.base_model, modules=specs, merge={"basis_size": 2}, sites=sites),
-        FederationConfig(id="done", base_model=manifest.base_model, modules=specs, merge={"basis_size": 2}, sites={"a": sites["a"]}),
+        FederationConfig(
+            id="open", base_model=manifest.base_model, modules=specs, merge={"basis_size": 2}, sites=sites
+        ),
+        FederationConfig(
+            id="done", base_model=manifest.base_model, modules=specs, merge={"basis_size": 2}, sites={"a": sites["a"]}
+        ),
     ]
     state = tmp_path / "state"
     errors = Errors()
@@ -72,7 +81,9 @@ def served(adapters, tmp_path):
     write_payload(opened, specs, payload, "moments")
     parts = {}
     for fed in ("open", "done"):
-        client = FederationClient(address, fed, "a", Credentials(token="token-a", insecure=True), chunk_size=CHUNK, timeout=10)
+        client = FederationClient(
+            address, fed, "a", Credentials(token="token-a", insecure=True), chunk_size=CHUNK, timeout=10
+        )
         client.join(manifest)
         parts[fed] = client.upload(payload, "a-0")
         if fed == "done":
@@ -92,24 +103,37 @@ def served(adapters, tmp_path):
 
 names = st.one_of(st.sampled_from(["a", "b", "a-0", "", ".", "..", "../x", "a\nb", "x" * 300]), st.text(max_size=40))
 # Who calls: mostly a real site with its own token (so calls get past authentication), else anything.
-_sites = st.sampled_from([("open", "a", "token-a"), ("done", "a", "token-a"), ("open", "b", "token-b"), ("done", "b", "token-b")])
+_sites = st.sampled_from(
+    [("open", "a", "token-a"), ("done", "a", "token-a"), ("open", "b", "token-b"), ("done", "b", "token-b")]
+)
 callers = st.one_of(
-    _sites, _sites, _sites,
-    st.tuples(st.one_of(st.sampled_from(["open", "done"]), st.text(max_size=70)),
-              st.one_of(st.sampled_from(["a", "b"]), st.text(max_size=70)),
-              st.one_of(st.sampled_from(["token-a", "token-b"]), st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30))),
+    _sites,
+    _sites,
+    _sites,
+    st.tuples(
+        st.one_of(st.sampled_from(["open", "done"]), st.text(max_size=70)),
+        st.one_of(st.sampled_from(["a", "b"]), st.text(max_size=70)),
+        st.one_of(
+            st.sampled_from(["token-a", "token-b"]),
+            st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
+        ),
+    ),
 )
 int64 = st.integers(-(2**63), 2**63 - 1)
 digests = st.one_of(
-    st.sampled_from(["", "../chunk", "a/b", "0" * 64, "0" * 63, "0" * 65, "x" * 300]), st.binary(max_size=8).map(sha),
-    st.text(max_size=70), st.binary(min_size=32, max_size=32).map(lambda b: b.hex().upper()),
+    st.sampled_from(["", "../chunk", "a/b", "0" * 64, "0" * 63, "0" * 65, "x" * 300]),
+    st.binary(max_size=8).map(sha),
+    st.text(max_size=70),
+    st.binary(min_size=32, max_size=32).map(lambda b: b.hex().upper()),
 )
 
 
 def parts(known: pb.Part):
     random = st.builds(pb.Part, name=names, chunks=st.lists(digests, max_size=4), sha256=digests, size=int64)
     # The real part, with one thing wrong (or nothing), or a duplicate of it.
-    mutated = st.sampled_from(["name", "chunks", "sha256", "size", "reversed", "none"]).map(lambda what: _mutate_part(known, what))
+    mutated = st.sampled_from(["name", "chunks", "sha256", "size", "reversed", "none"]).map(
+        lambda what: _mutate_part(known, what)
+    )
     return st.one_of(random, mutated)
 
 
@@ -135,7 +159,10 @@ def manifests(valid: pb.SiteManifest):
         st.tuples(st.just("base_model"), st.text(max_size=30)),
         st.tuples(st.just("modules"), st.lists(module, max_size=3)),
         st.tuples(st.just("tasks"), st.lists(names, max_size=4)),
-        st.tuples(st.just("upload_kind"), st.one_of(st.sampled_from(["moments", "sketch", "factors", "spectra"]), st.text(max_size=10))),
+        st.tuples(
+            st.just("upload_kind"),
+            st.one_of(st.sampled_from(["moments", "sketch", "factors", "spectra"]), st.text(max_size=10)),
+        ),
         st.tuples(st.just("sketch_rank"), int64),
         st.tuples(st.just("lora_numbers"), int64),
         st.tuples(st.just("canonicalize"), st.booleans()),
@@ -145,16 +172,27 @@ def manifests(valid: pb.SiteManifest):
 
 def calls(manifest: pb.SiteManifest, part: pb.Part):
     """(rpc name, request) pairs for every RPC."""
-    chunk = st.one_of(st.binary(max_size=2 * CHUNK).map(lambda d: (d, sha(d))), st.tuples(st.binary(max_size=64), digests))
-    published = st.builds(pb.PublishedTask, name=st.one_of(st.sampled_from(list(manifest.tasks)), names),
-                          task_json=st.one_of(st.text(max_size=40), st.just("{}")), coefficients=parts(part), extras=parts(part))
+    chunk = st.one_of(
+        st.binary(max_size=2 * CHUNK).map(lambda d: (d, sha(d))), st.tuples(st.binary(max_size=64), digests)
+    )
+    published = st.builds(
+        pb.PublishedTask,
+        name=st.one_of(st.sampled_from(list(manifest.tasks)), names),
+        task_json=st.one_of(st.text(max_size=40), st.just("{}")),
+        coefficients=parts(part),
+        extras=parts(part),
+    )
     return st.one_of(
         st.tuples(st.just("Join"), manifests(manifest).map(lambda m: {"manifest": m})),
         st.tuples(st.just("MissingChunks"), st.lists(digests, max_size=5).map(lambda d: {"sha256": d})),
         st.tuples(st.just("UploadChunk"), chunk.map(lambda c: {"data": c[0], "sha256": c[1]})),
         st.tuples(st.just("Commit"), st.lists(parts(part), max_size=3).map(lambda p: {"parts": p})),
-        st.tuples(st.just("Status"), st.fixed_dictionaries({
-            "wait": st.booleans(), "timeout_seconds": st.one_of(st.floats(max_value=0.05), st.just(float("nan")))})),
+        st.tuples(
+            st.just("Status"),
+            st.fixed_dictionaries(
+                {"wait": st.booleans(), "timeout_seconds": st.one_of(st.floats(max_value=0.05), st.just(float("nan")))}
+            ),
+        ),
         st.tuples(st.just("DownloadBasis"), st.one_of(st.integers(-5, 30_000), int64).map(lambda o: {"offset": o})),
         st.tuples(st.just("Report"), st.just({})),
         st.tuples(st.just("Publish"), st.lists(published, max_size=2).map(lambda t: {"tasks": t})),
@@ -162,8 +200,14 @@ def calls(manifest: pb.SiteManifest, part: pb.Part):
 
 
 REQUESTS = {
-    "Join": pb.JoinRequest, "MissingChunks": pb.MissingChunksRequest, "UploadChunk": pb.UploadChunkRequest, "Commit": pb.CommitRequest,
-    "Status": pb.StatusRequest, "DownloadBasis": pb.DownloadRequest, "Report": pb.ReportRequest, "Publish": pb.PublishRequest,
+    "Join": pb.JoinRequest,
+    "MissingChunks": pb.MissingChunksRequest,
+    "UploadChunk": pb.UploadChunkRequest,
+    "Commit": pb.CommitRequest,
+    "Status": pb.StatusRequest,
+    "DownloadBasis": pb.DownloadRequest,
+    "Report": pb.ReportRequest,
+    "Publish": pb.PublishRequest,
 }
 
 
@@ -187,7 +231,9 @@ def test_malformed_calls_get_a_status_and_change_nothing(served):
             if rpc == "UploadChunk":
                 assert sha(request.data) == request.sha256
             assert rpc != "Commit" or list(request.parts) == [part], request.parts
-            assert rpc != "Join" or all(t == t.strip() and "/" not in t and "\n" not in t and t[:1] != "." for t in request.manifest.tasks)
+            assert rpc != "Join" or all(
+                t == t.strip() and "/" not in t and "\n" not in t and t[:1] != "." for t in request.manifest.tasks
+            )
             assert rpc != "Publish"  # nothing publishable was uploaded
         except grpc.RpcError as e:
             assert e.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (rpc, e.code(), e.details())

@@ -73,7 +73,9 @@ def test_curves_are_the_dense_errors_of_svds_done_here(seed):
     assert c.kinds["shared"].shape[1] == 3  # p = 0, 1, 2: the cap (42 - 6) // (6 + 8)
     for p in range(c.kinds["shared"].shape[1]):
         rebuilt = _best_fit(B, p) @ _best_fit(A.mT, p).mT
-        torch.testing.assert_close(c.kinds["shared"][:, p], ((rebuilt - dW) ** 2).sum((-2, -1)) / energy, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(
+            c.kinds["shared"][:, p], ((rebuilt - dW) ** 2).sum((-2, -1)) / energy, rtol=1e-7, atol=1e-9
+        )
 
 
 # Pattern keys at, and short of, a dot boundary. PEFT's own layers say which apply: "proj", "_proj" and
@@ -84,8 +86,13 @@ ALPHA_PATTERN = {"_proj": 5, "mlp.down_proj": 16, "q_proj": 12}
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")  # PEFT: they do not apply
 def test_pattern_keys_match_as_peft_matches_them(llama_base, tmp_path):
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                  rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
+    config = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern=RANK_PATTERN,
+        alpha_pattern=ALPHA_PATTERN,
+    )
     model = get_peft_model(load_base(llama_base), LoraConfig(**config))
     peft = {n: (m.r["default"], m.scaling["default"]) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert len(peft) == 6

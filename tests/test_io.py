@@ -16,7 +16,9 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
         "empty": torch.zeros(0, 3),
         "t": torch.randn(4, 3).T,  # not contiguous
     }
-    writer = StreamingWriter(tmp_path / "x.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, {"format": "pt"})
+    writer = StreamingWriter(
+        tmp_path / "x.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, {"format": "pt"}
+    )
     for k, v in tensors.items():
         writer.write(k, v)
     writer.close()

@@ -1,4 +1,5 @@
-"""Many `rmm site run` processes on one host share one Ray cluster; `rmm simulate` keeps its inputs and its stdout clean."""
+"""Many `rmm site run` processes on one host share one Ray cluster; `rmm simulate` keeps its inputs and its stdout
+clean."""
 
 from __future__ import annotations
 
@@ -42,7 +43,17 @@ def test_simulate_json_is_all_that_stdout_holds(adapters, tmp_path):
     4x as many workers as it expected (max_io_workers=0: I/O workers are not counted against that);
     stdout must still parse as the report alone."""
     env = {**os.environ, "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 1}), "RAY_max_io_workers": "0"}
-    args = [RMM, "simulate", "--sites", "4", "--adapters", *map(str, adapters[:4]), "--out", str(tmp_path / "sim"), "--json"]
+    args = [
+        RMM,
+        "simulate",
+        "--sites",
+        "4",
+        "--adapters",
+        *map(str, adapters[:4]),
+        "--out",
+        str(tmp_path / "sim"),
+        "--json",
+    ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
@@ -51,8 +62,22 @@ def test_simulate_json_is_all_that_stdout_holds(adapters, tmp_path):
 
 def test_a_site_whose_embedded_ray_cannot_start_says_how_to_share_one(adapters, tmp_path):
     env = {**os.environ, "RAY_OVERRIDE_RESOURCES": "not json", "RMM_SITE_TOKEN": "t"}
-    args = [RMM, "site", "run", "--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "s", "--insecure",
-            "--adapters", str(adapters[0]), "--out", str(tmp_path / "out")]
+    args = [
+        RMM,
+        "site",
+        "run",
+        "--coordinator",
+        "127.0.0.1:1",
+        "--federation",
+        "f",
+        "--site",
+        "s",
+        "--insecure",
+        "--adapters",
+        str(adapters[0]),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -65,8 +90,26 @@ def test_a_site_told_a_ray_address_where_nothing_listens_says_so_at_once(adapter
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     env = {**os.environ, "RMM_SITE_TOKEN": "t"}
-    args = [RMM, "site", "run", "--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "s", "--insecure",
-            "--adapters", str(adapters[0]), "--out", str(tmp_path / "out"), "--ray-address", address]
+    args = [
+        RMM,
+        "site",
+        "run",
+        "--coordinator",
+        "127.0.0.1:1",
+        "--federation",
+        "f",
+        "--site",
+        "s",
+        "--insecure",
+        "--adapters",
+        str(adapters[0]),
+        "--out",
+        str(tmp_path / "out"),
+        "--ray-address",
+        address,
+    ]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot join the Ray cluster at {address}"), done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot join the Ray cluster at {address}"), (
+        done.stderr[-3000:]
+    )

@@ -47,7 +47,10 @@ def test_full_basis_reverts_exactly(adapters, llama_base, tmp_path, canonical):
             assert rel(got[name], want[name]) < 1e-5, name
         assert max(manifest.report.errors[a.name].values()) < 1e-5
     torch.testing.assert_close(
-        logits(llama_base, tmp_path / "rev" / "task2", TOKENS), logits(llama_base, adapters[2], TOKENS), rtol=1e-5, atol=1e-5
+        logits(llama_base, tmp_path / "rev" / "task2", TOKENS),
+        logits(llama_base, adapters[2], TOKENS),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -62,7 +65,11 @@ def test_reverted_adapter_gives_what_mu_plus_U_c_predicts(adapters, llama_base, 
     with open_safetensors(bundle / BASIS_FILE) as f, open_safetensors(coefficients_file(bundle, "task3")) as c:
         for mod in manifest.modules:
             X = {
-                k: reconstruct(f.get_tensor(f"{mod.name}.{k}.mean").double(), f.get_tensor(f"{mod.name}.{k}.basis").double(), c.get_tensor(f"{mod.name}.{k}").double())
+                k: reconstruct(
+                    f.get_tensor(f"{mod.name}.{k}.mean").double(),
+                    f.get_tensor(f"{mod.name}.{k}.basis").double(),
+                    c.get_tensor(f"{mod.name}.{k}").double(),
+                )
                 for k in "BA"
             }
             w = weights[mod.name.removeprefix("base_model.model.") + ".weight"]
@@ -106,11 +113,18 @@ def test_fan_in_fan_out_conv1d(gpt2_base, tmp_path):
     merge(paths, tmp_path / "bundle", MergeOptions(basis_size=4), progress=False)
     revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
     assert json.loads((tmp_path / "rev" / "g1" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    torch.testing.assert_close(logits(gpt2_base, tmp_path / "rev" / "g1", TOKENS), logits(gpt2_base, paths[1], TOKENS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(gpt2_base, tmp_path / "rev" / "g1", TOKENS), logits(gpt2_base, paths[1], TOKENS), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_heterogeneous_ranks_and_rules_revert_exactly(llama_base, tmp_path):
-    rules = [dict(r=2, lora_alpha=16), dict(r=8, lora_alpha=8), dict(r=4, lora_alpha=4, use_rslora=True), SCALING_RULES["rank_pattern_regex"]]
+    rules = [
+        dict(r=2, lora_alpha=16),
+        dict(r=8, lora_alpha=8),
+        dict(r=4, lora_alpha=4, use_rslora=True),
+        SCALING_RULES["rank_pattern_regex"],
+    ]
     paths = [make_adapter(llama_base, tmp_path / f"h{i}", seed=i, **rule) for i, rule in enumerate(rules)]
     manifest = merge(paths, tmp_path / "bundle", MergeOptions(basis_size=8), progress=False)
     assert {m.rank for m in manifest.modules} == {8}
@@ -125,7 +139,9 @@ def test_heterogeneous_ranks_and_rules_revert_exactly(llama_base, tmp_path):
     lora_numbers = 0
     for p in paths:
         with open_safetensors(p / "adapter_model.safetensors") as f:
-            lora_numbers += sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys() if ".lora_" in k)
+            lora_numbers += sum(
+                f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys() if ".lora_" in k
+            )
     assert manifest.report.storage.numbers_original == lora_numbers
 
 
@@ -142,10 +158,15 @@ def test_modules_to_save_are_carried_through_untouched(llama_base, tmp_path):
     assert manifest.tasks[0].extras
     revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
     for p in paths:
-        with open_safetensors(p / "adapter_model.safetensors") as a, open_safetensors(tmp_path / "rev" / p.name / "adapter_model.safetensors") as b:
+        with (
+            open_safetensors(p / "adapter_model.safetensors") as a,
+            open_safetensors(tmp_path / "rev" / p.name / "adapter_model.safetensors") as b,
+        ):
             for key in manifest.tasks[0].extras:
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
-    torch.testing.assert_close(logits(llama_base, tmp_path / "rev" / "m1", TOKENS), logits(llama_base, paths[1], TOKENS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(llama_base, tmp_path / "rev" / "m1", TOKENS), logits(llama_base, paths[1], TOKENS), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_storage_ratio_agrees_with_bytes_on_disk(adapters, tmp_path):
@@ -160,9 +181,7 @@ def test_storage_ratio_agrees_with_bytes_on_disk(adapters, tmp_path):
     for file in files:
         with open_safetensors(file) as f:
             tensor_bytes += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
-    original_bytes = sum(
-        (open_adapter(a).weights_file.stat().st_size) for a in adapters
-    )
+    original_bytes = sum((open_adapter(a).weights_file.stat().st_size) for a in adapters)
     assert tensor_bytes == s.bytes_stored == pytest.approx(storage_ratio(r, T, p) * s.bytes_original, rel=1e-12)
     # Files add only their headers on top of the tensor bytes.
     assert 0 < sum(f.stat().st_size for f in files) - tensor_bytes < 64 * 1024
@@ -191,11 +210,20 @@ def test_manifest_records_inputs_and_options(adapters, tmp_path):
 def test_bundle_from_a_given_basis_matches_the_full_merge(adapters, tmp_path):
     """A site's bundle (its tasks' coefficients against a basis solved elsewhere) is the full one's."""
     full = merge(adapters, tmp_path / "full", MergeOptions(basis_size=2, canonicalize=True), progress=False)
-    part = merge(adapters[1:3], tmp_path / "part", MergeOptions(canonicalize=True), basis=tmp_path / "full" / BASIS_FILE, progress=False)
+    part = merge(
+        adapters[1:3],
+        tmp_path / "part",
+        MergeOptions(canonicalize=True),
+        basis=tmp_path / "full" / BASIS_FILE,
+        progress=False,
+    )
     assert [m.p for m in part.modules] == [m.p for m in full.modules]
     assert full.basis_sha256 is None and len(part.basis_sha256) == 64
     for a in adapters[1:3]:
-        with open_safetensors(coefficients_file(tmp_path / "full", a.name)) as f, open_safetensors(coefficients_file(tmp_path / "part", a.name)) as g:
+        with (
+            open_safetensors(coefficients_file(tmp_path / "full", a.name)) as f,
+            open_safetensors(coefficients_file(tmp_path / "part", a.name)) as g,
+        ):
             for key in f.keys():
                 assert torch.equal(f.get_tensor(key), g.get_tensor(key)), key
         assert part.report.errors[a.name] == full.report.errors[a.name]
@@ -208,8 +236,17 @@ def test_bundle_from_a_given_basis_matches_the_full_merge(adapters, tmp_path):
 def test_auto_reverts_what_it_reports_within_the_budget_it_counts(llama_base, tmp_path, ratio):
     """Mixed ranks and scaling rules, some tasks sharing structure: what is stored fits the budget (counted
     in the files, equal to the formula), and every reverted dW has exactly the error the report states."""
-    rules = [dict(r=2, lora_alpha=16), dict(r=8, lora_alpha=8), dict(r=4, lora_alpha=4, use_rslora=True), dict(r=4), dict(r=4)]
-    paths = [make_adapter(llama_base, tmp_path / f"h{i}", seed=i, shared=0.7 if i > 2 else 0.0, **rule) for i, rule in enumerate(rules)]
+    rules = [
+        dict(r=2, lora_alpha=16),
+        dict(r=8, lora_alpha=8),
+        dict(r=4, lora_alpha=4, use_rslora=True),
+        dict(r=4),
+        dict(r=4),
+    ]
+    paths = [
+        make_adapter(llama_base, tmp_path / f"h{i}", seed=i, shared=0.7 if i > 2 else 0.0, **rule)
+        for i, rule in enumerate(rules)
+    ]
     manifest = merge(paths, tmp_path / "bundle", MergeOptions(storage_ratio=ratio), progress=False)
     assert manifest.options.method == "auto" and {m.method for m in manifest.modules} <= {"truncate", "joint", "shared"}
     storage = manifest.report.storage
@@ -226,7 +263,9 @@ def test_auto_reverts_what_it_reports_within_the_budget_it_counts(llama_base, tm
     for p in paths:
         want, got = peft_deltas(llama_base, p), peft_deltas(llama_base, tmp_path / "rev" / p.name)
         for name in want:
-            assert rel(got[name], want[name]) == pytest.approx(manifest.report.errors[p.name][name], rel=1e-4, abs=1e-6), (p.name, name)
+            assert rel(got[name], want[name]) == pytest.approx(
+                manifest.report.errors[p.name][name], rel=1e-4, abs=1e-6
+            ), (p.name, name)
 
 
 def _numel(shape) -> int:
@@ -243,7 +282,12 @@ def test_auto_at_full_storage_reverts_exactly_and_is_the_default(adapters, llama
     revert(tmp_path / "bundle", tmp_path / "rev", progress=False)
     for a in adapters:
         assert max(manifest.report.errors[a.name].values()) < 1e-5
-    torch.testing.assert_close(logits(llama_base, tmp_path / "rev" / "task1", TOKENS), logits(llama_base, adapters[1], TOKENS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(llama_base, tmp_path / "rev" / "task1", TOKENS),
+        logits(llama_base, adapters[1], TOKENS),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_auto_shares_what_tasks_share_and_truncates_what_they_do_not(llama_base, tmp_path):

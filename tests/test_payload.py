@@ -9,7 +9,15 @@ from rmm.bundle import BASIS_FILE, MergeOptions
 from rmm.io import open_safetensors
 from rmm.merge import merge, module_specs, numbers_original, plan_modules
 from rmm.errors import RMMError
-from rmm.payload import aggregate, smallest_exact_numbers, write_bases, write_curves, write_payload, write_plan, write_spectra
+from rmm.payload import (
+    aggregate,
+    smallest_exact_numbers,
+    write_bases,
+    write_curves,
+    write_payload,
+    write_plan,
+    write_spectra,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,9 @@ def test_sites_aggregate_to_the_centralised_basis(eight, tmp_path, kind, canonic
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
     # A site's bundle against the federated basis equals the centralised bundle's coefficients.
-    site = merge([p for p in eight[4:]], tmp_path / "site", options, basis=tmp_path / "basis.safetensors", progress=False)
+    site = merge(
+        [p for p in eight[4:]], tmp_path / "site", options, basis=tmp_path / "basis.safetensors", progress=False
+    )
     for a in site.tasks:
         for name, err in site.report.errors[a.name].items():
             assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6)
@@ -49,7 +59,9 @@ def test_sites_aggregate_to_the_centralised_basis(eight, tmp_path, kind, canonic
 
 def test_low_rank_sketch_is_smaller_and_lossy(eight, tmp_path):
     adapters = [open_adapter(p) for p in eight]
-    modules = plan_modules(module_specs(adapters), len(adapters), numbers_original(adapters), MergeOptions(basis_size=3))
+    modules = plan_modules(
+        module_specs(adapters), len(adapters), numbers_original(adapters), MergeOptions(basis_size=3)
+    )
     full = write_payload(adapters, modules, tmp_path / "full.safetensors", "sketch", q=6)
     low = write_payload(adapters, modules, tmp_path / "low.safetensors", "sketch", q=1)
     moments = write_payload(adapters, modules, tmp_path / "m.safetensors", "moments")
@@ -59,7 +71,9 @@ def test_low_rank_sketch_is_smaller_and_lossy(eight, tmp_path):
     aggregate([tmp_path / "full.safetensors"], modules, tmp_path / "b_full.safetensors")
     aggregate([tmp_path / "low.safetensors"], modules, tmp_path / "b_low.safetensors")
     exact, lossy = _basis(tmp_path / "b_full.safetensors"), _basis(tmp_path / "b_low.safetensors")
-    differs = [k for k in exact if k.endswith(".basis") and not torch.allclose(exact[k].abs(), lossy[k].abs(), atol=1e-3)]
+    differs = [
+        k for k in exact if k.endswith(".basis") and not torch.allclose(exact[k].abs(), lossy[k].abs(), atol=1e-3)
+    ]
     assert differs
 
 
@@ -70,9 +84,14 @@ def alike(llama_base, tmp_path_factory):
     return [make_adapter(llama_base, root / f"a{i}", seed=40 + i, shared=0.95) for i in range(8)]
 
 
-@pytest.mark.parametrize("inputs, ratio, kinds", [
-    ("eight", 0.3, {"joint"}), ("eight", 0.6, {"truncate", "joint"}), ("alike", 0.15, {"joint", "shared"}),
-])
+@pytest.mark.parametrize(
+    "inputs, ratio, kinds",
+    [
+        ("eight", 0.3, {"joint"}),
+        ("eight", 0.6, {"truncate", "joint"}),
+        ("alike", 0.15, {"joint", "shared"}),
+    ],
+)
 def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(request, tmp_path, inputs, ratio, kinds):
     """Spectra -> bases -> curves -> plan over uneven sites gives the centralised plan, and each site's
     bundle against the planned basis the centralised errors; no site ever sends its factors."""
@@ -89,8 +108,17 @@ def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(request, 
     curves = [tmp_path / f"c{i}.safetensors" for i in range(3)]
     for shard, file in zip(reversed(shards), reversed(curves)):  # sites answer in any order
         write_curves(shard, modules, tmp_path / "bases.safetensors", file)
-    planned, kept = write_plan(spectra, curves[::-1], modules, ratio * numbers_original(adapters), tmp_path / "bases.safetensors", tmp_path / "plan.safetensors")
-    assert [(m.method, m.ranks, m.size, m.p) for m in planned] == [(m.method, m.ranks, m.size, m.p) for m in central.modules]
+    planned, kept = write_plan(
+        spectra,
+        curves[::-1],
+        modules,
+        ratio * numbers_original(adapters),
+        tmp_path / "bases.safetensors",
+        tmp_path / "plan.safetensors",
+    )
+    assert [(m.method, m.ranks, m.size, m.p) for m in planned] == [
+        (m.method, m.ranks, m.size, m.p) for m in central.modules
+    ]
     # The share of the tasks' summed ||dW||^2 the plan keeps: from the centralised report's errors and dW computed here.
     energy = {a.name: {m: float((dW * dW).sum()) for m, dW in file_deltas(a.path).items()} for a in adapters}
     for m in central.modules:
@@ -98,9 +126,21 @@ def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(request, 
         want = 1 - lost / sum(e[m.name] for e in energy.values())
         assert kept[m.name]["dW"] == pytest.approx(want, rel=1e-4, abs=1e-6), m.name
     for i, shard in enumerate(shards):
-        site = merge([a.path for a in shard], tmp_path / f"site{i}", MergeOptions(storage_ratio=ratio), basis=tmp_path / "plan.safetensors", progress=False)
+        site = merge(
+            [a.path for a in shard],
+            tmp_path / f"site{i}",
+            MergeOptions(storage_ratio=ratio),
+            basis=tmp_path / "plan.safetensors",
+            progress=False,
+        )
         for a in shard:
             for name, err in site.report.errors[a.name].items():
                 assert err == pytest.approx(central.report.errors[a.name][name], rel=1e-4, abs=1e-6), (a.name, name)
     with pytest.raises(RMMError, match="built by method auto"):
-        merge([a.path for a in shards[0]], tmp_path / "wrong", MergeOptions(basis_size=2), basis=tmp_path / "plan.safetensors", progress=False)
+        merge(
+            [a.path for a in shards[0]],
+            tmp_path / "wrong",
+            MergeOptions(basis_size=2),
+            basis=tmp_path / "plan.safetensors",
+            progress=False,
+        )

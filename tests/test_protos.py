@@ -10,7 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_generated_code_matches_protos(tmp_path):
     sources = sorted(p.relative_to(ROOT) for p in (ROOT / "protos").rglob("*.proto"))
     assert sources
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT), f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I",
+        str(ROOT),
+        f"--python_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+    ]
     subprocess.run(cmd + [str(s) for s in sources], check=True, cwd=ROOT)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert generated, "protoc generated nothing"

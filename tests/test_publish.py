@@ -33,7 +33,9 @@ Code = grpc.StatusCode
 def heads(llama_base, tmp_path_factory):
     """Four adapters with a per-task head (modules_to_save), for sites a (2) and b (2)."""
     root = tmp_path_factory.mktemp("heads")
-    return [make_adapter(llama_base, root / f"h{i}", seed=40 + i, shared=0.5, modules_to_save=["lm_head"]) for i in range(4)]
+    return [
+        make_adapter(llama_base, root / f"h{i}", seed=40 + i, shared=0.5, modules_to_save=["lm_head"]) for i in range(4)
+    ]
 
 
 def _assert_same_tasks(got_dir: Path, want_dir: Path, names) -> None:
@@ -43,7 +45,9 @@ def _assert_same_tasks(got_dir: Path, want_dir: Path, names) -> None:
         for m in want.modules:
             assert all(torch.equal(g, w) for g, w in zip(got.load_factors(m), want.load_factors(m))), (name, m)
         got_extras, want_extras = got.load_extras(), want.load_extras()
-        assert got_extras.keys() == want_extras.keys() and all(torch.equal(got_extras[k], want_extras[k]) for k in want_extras)
+        assert got_extras.keys() == want_extras.keys() and all(
+            torch.equal(got_extras[k], want_extras[k]) for k in want_extras
+        )
 
 
 def _refused(call, code: Code) -> None:
@@ -54,13 +58,23 @@ def _refused(call, code: Code) -> None:
 def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads, tmp_path):
     adapters = [open_adapter(p) for p in heads]
     federation = FederationConfig(
-        id="fed", base_model=adapters[0].base_model, modules=module_specs(adapters), merge=MergeOptions(basis_size=2),
+        id="fed",
+        base_model=adapters[0].base_model,
+        modules=module_specs(adapters),
+        merge=MergeOptions(basis_size=2),
         sites={s: Site(token_sha256=token_hash(f"token-{s}")) for s in "ab"},
     )
-    coordinator = BackgroundCoordinator(CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation]))
+    coordinator = BackgroundCoordinator(
+        CoordinatorConfig(port=0, state_dir=tmp_path / "state", insecure=True, federations=[federation])
+    )
     address, result = f"127.0.0.1:{coordinator.port}", tmp_path / "state" / "fed" / "result"
     credentials = {s: Credentials(token=f"token-{s}", insecure=True) for s in "ab"}
-    shards = {s: SiteShard(f"{s}-0", [str(p) for p in heads[i : i + 2]], str(tmp_path / s / "work"), address, "fed", s, credentials[s]) for s, i in (("a", 0), ("b", 2))}
+    shards = {
+        s: SiteShard(
+            f"{s}-0", [str(p) for p in heads[i : i + 2]], str(tmp_path / s / "work"), address, "fed", s, credentials[s]
+        )
+        for s, i in (("a", 0), ("b", 2))
+    }
     clients = {s: FederationClient(address, "fed", s, credentials[s]) for s in "ab"}
     try:
         for s, shard in shards.items():
@@ -70,7 +84,10 @@ def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads,
         assert clients["a"].wait(60).state == "DONE"
         for s, shard in shards.items():
             shard.finish(MergeOptions(basis_size=2), str(tmp_path / s))
-        assert sorted(p.name for p in result.iterdir()) == ["basis.safetensors", "result.json"]  # nothing unless published
+        assert sorted(p.name for p in result.iterdir()) == [
+            "basis.safetensors",
+            "result.json",
+        ]  # nothing unless published
 
         tasks, sent = shards["a"].publish(str(tmp_path / "a"))
         tasks = [pb.PublishedTask.FromString(t) for t in tasks]
@@ -78,7 +95,10 @@ def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads,
         _refused(lambda: clients["b"].publish(tasks), Code.PERMISSION_DENIED)  # a's tasks, sent by b
         good = read_all(coefficients_file(tmp_path / "a" / "bundles" / "a-0", "h0"))
         key = next(iter(good))
-        damaged = {"wrong shape": good | {key: good[key][:, :1].contiguous()}, "missing key": {k: v for k, v in good.items() if k != key}}
+        damaged = {
+            "wrong shape": good | {key: good[key][:, :1].contiguous()},
+            "missing key": {k: v for k, v in good.items() if k != key},
+        }
         for name, tensors in damaged.items():
             save_file(tensors, str(tmp_path / f"{name}.safetensors"))
         (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file at all")
@@ -92,13 +112,21 @@ def test_published_tasks_revert_at_the_coordinator_exactly_as_at_the_site(heads,
         clients["a"].publish(tasks[:1])  # again, same content: a no-op
         scaled = tmp_path / "scaled.safetensors"
         save_file({k: 2 * v for k, v in good.items()}, str(scaled))
-        other = pb.PublishedTask(name="h0", task_json=tasks[0].task_json, coefficients=clients["a"].upload(scaled, "coefficients"), extras=tasks[0].extras)
+        other = pb.PublishedTask(
+            name="h0",
+            task_json=tasks[0].task_json,
+            coefficients=clients["a"].upload(scaled, "coefficients"),
+            extras=tasks[0].extras,
+        )
         _refused(lambda: clients["a"].publish([other]), Code.FAILED_PRECONDITION)
 
         revert(result, tmp_path / "coordinator-reverted", progress=False)
         _assert_same_tasks(tmp_path / "coordinator-reverted", tmp_path / "a" / "reverted", ["h0", "h1"])
         manifest = read_manifest(result)
-        assert [t.name for t in manifest.tasks] == ["h0", "h1"] and manifest.report.storage.numbers_original == numbers_original(adapters[:2])
+        assert [t.name for t in manifest.tasks] == [
+            "h0",
+            "h1",
+        ] and manifest.report.storage.numbers_original == numbers_original(adapters[:2])
         assert all(t.source == "site a" for t in manifest.tasks)  # no site-local paths reached the coordinator
         summary = inspect_bundle(result)  # what `rmm inspect` shows: no errors (only sites can measure them)
         assert summary["tasks_count"] == 2 and summary["tasks"] == {}
@@ -120,4 +148,7 @@ def test_simulate_publishes_every_site_only_when_asked(ray_cluster, heads, tmp_p
 
     report = simulate(heads, 2, tmp_path / "off", options)
     assert all(site["bytes_published"] == 0 for site in report["sites"])
-    assert sorted(p.name for p in (tmp_path / "off" / "coordinator" / FEDERATION / "result").iterdir()) == ["basis.safetensors", "result.json"]
+    assert sorted(p.name for p in (tmp_path / "off" / "coordinator" / FEDERATION / "result").iterdir()) == [
+        "basis.safetensors",
+        "result.json",
+    ]

@@ -135,7 +135,9 @@ def test_scoring_counts_retained_gain_and_storage(built, tmp_path):
     results = [score(suite, "truncate", {"storage_ratio": 1.0}, tmp_path), score(suite, "ta-dw", {}, tmp_path)]
     rows = {r["method"]: r for r in table(suite, results)["rows"]}
     assert rows["truncate"]["storage_ratio"] == pytest.approx(1.0)
-    assert rows["truncate"]["retained_gain"] == pytest.approx(1.0, abs=1e-6) and rows["truncate"]["min_normalized"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["truncate"]["retained_gain"] == pytest.approx(1.0, abs=1e-6) and rows["truncate"][
+        "min_normalized"
+    ] == pytest.approx(1.0, abs=1e-6)
     assert rows["ta-dw"]["storage_ratio"] == pytest.approx(1 / len(suite.adapters))
     assert rows["ta-dw"]["retained_gain"] < 1.0
     again = score(suite, "ta-dw", {}, tmp_path / "other")  # cached: same numbers, no work directory made
@@ -143,6 +145,7 @@ def test_scoring_counts_retained_gain_and_storage(built, tmp_path):
 
 
 # --- hetero and pt-svd, reduced the same way (sharing the base built above) -----------------------
+
 
 @pytest.fixture(scope="module")
 def hetero(cache):
@@ -211,5 +214,8 @@ def test_released_customers_start_from_the_published_adapter(cache):
         mine = open_adapter(path)
         for m in mine.modules:
             (B1, A1), (B2, A2) = mine.load_factors(m), published.load_factors(m)
-            cos = frobenius_inner(B1, A1, B2, A2) / (frobenius_inner(B1, A1, B1, A1) * frobenius_inner(B2, A2, B2, A2)).sqrt()
+            cos = (
+                frobenius_inner(B1, A1, B2, A2)
+                / (frobenius_inner(B1, A1, B1, A1) * frobenius_inner(B2, A2, B2, A2)).sqrt()
+            )
             assert 0.3 < cos < 0.9999, (path.name, m, cos.item())  # shares the published update, and moved on

@@ -44,22 +44,48 @@ def _bad(name, llama_base, good, root):
     """Build the bad adapter called `name`; returns (adapter list, expected fragment of the message)."""
     bad = root / "bad"
     if name == "dora":
-        return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))], "DoRA"
+        return [
+            good,
+            _peft_variant(
+                llama_base, bad, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+            ),
+        ], "DoRA"
     if name == "lora_bias":
-        return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True))], "lora_bias"
+        return [
+            good,
+            _peft_variant(
+                llama_base, bad, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True)
+            ),
+        ], "lora_bias"
     if name == "kasa":
-        return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, kasa_config=KasaConfig()))], "KaSA adapters (kasa_config)"
+        return [
+            good,
+            _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, kasa_config=KasaConfig())),
+        ], "KaSA adapters (kasa_config)"
     if name == "kasa_tensors":  # its config says nothing: the lora_diag tensors alone are refused
-        _edit_config(_peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, kasa_config=KasaConfig())), kasa_config=None)
+        _edit_config(
+            _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, kasa_config=KasaConfig())),
+            kasa_config=None,
+        )
         return [good, bad], "'lora_diag'"
     if name == "bdlora":
         bd = BdLoraConfig(target_modules_bd_a=["q_proj", "v_proj"], target_modules_bd_b=["down_proj"], nblocks=2)
-        return [good, _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, use_bdlora=bd))], "BD-LoRA adapters (use_bdlora)"
+        return [
+            good,
+            _peft_variant(llama_base, bad, LoraConfig(r=4, target_modules=TARGETS, use_bdlora=bd)),
+        ], "BD-LoRA adapters (use_bdlora)"
     if name in VARIANT_FIELDS:
         _edit_config(_copy(good, bad), **{name: VARIANT_FIELDS[name]})
         return [good, bad], name
     if name == "ia3":
-        return [good, _peft_variant(llama_base, bad, IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))], "only LORA"
+        return [
+            good,
+            _peft_variant(
+                llama_base,
+                bad,
+                IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            ),
+        ], "only LORA"
     if name == "pickle":
         model = get_peft_model(load_base(llama_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
         model.save_pretrained(bad, safe_serialization=False)
@@ -75,20 +101,29 @@ def _bad(name, llama_base, good, root):
 
         LlamaForCausalLM(LlamaConfig(**other)).save_pretrained(root / "other_base")
         make_adapter(root / "other_base", bad, seed=1)
-        _edit_config(bad, base_model_name_or_path=json.loads((good / "adapter_config.json").read_text())["base_model_name_or_path"])
+        _edit_config(
+            bad,
+            base_model_name_or_path=json.loads((good / "adapter_config.json").read_text())["base_model_name_or_path"],
+        )
         return [good, bad], "shape"
     if name == "nan":
-        _edit_weights(_copy(good, bad), lambda t: t[next(k for k in t if "lora_B" in k)].__setitem__((0, 0), float("nan")))
+        _edit_weights(
+            _copy(good, bad), lambda t: t[next(k for k in t if "lora_B" in k)].__setitem__((0, 0), float("nan"))
+        )
         return [good, bad], "NaN"
     if name == "inf":
-        _edit_weights(_copy(good, bad), lambda t: t[next(k for k in sorted(t) if "lora_A" in k)].__setitem__((1, 2), float("inf")))
+        _edit_weights(
+            _copy(good, bad), lambda t: t[next(k for k in sorted(t) if "lora_A" in k)].__setitem__((1, 2), float("inf"))
+        )
         return [good, bad], "NaN or Inf"
     if name == "truncated":
         file = _copy(good, bad) / "adapter_model.safetensors"
         file.write_bytes(file.read_bytes()[:-100])
         return [good, bad], "truncated"
     if name == "corrupt":
-        (_copy(good, bad) / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+        (_copy(good, bad) / "adapter_model.safetensors").write_bytes(
+            b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"
+        )
         return [good, bad], "corrupt"
     if name == "duplicate":
         return [good, _copy(good, root / "elsewhere" / good.name)], "duplicate task name"
@@ -106,10 +141,35 @@ def _bad(name, llama_base, good, root):
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Config fields of LoRA variants rmm does not model, set as PEFT would save them; one rmm has never heard of.
 VARIANT_FIELDS = {
-    "use_qalora": True, "monteclora_config": {"monteclora_n": 8}, "arrow_config": {"top_k": 3}, "target_parameters": ["mlp.experts.gate_up_proj"],
-    "layer_replication": [[0, 2], [1, 2]], "megatron_config": {"tensor_model_parallel_size": 2}, "use_future_variant": True,
+    "use_qalora": True,
+    "monteclora_config": {"monteclora_n": 8},
+    "arrow_config": {"top_k": 3},
+    "target_parameters": ["mlp.experts.gate_up_proj"],
+    "layer_replication": [[0, 2], [1, 2]],
+    "megatron_config": {"tensor_model_parallel_size": 2},
+    "use_future_variant": True,
 }
-CASES = ["kasa", "kasa_tensors", "bdlora", *VARIANT_FIELDS, "dora", "lora_bias", "ia3", "pickle", "base_model", "module_set", "shape", "nan", "inf", "truncated", "corrupt", "duplicate", "rank_mismatch", "unsafe_name", "not_adapter"]
+CASES = [
+    "kasa",
+    "kasa_tensors",
+    "bdlora",
+    *VARIANT_FIELDS,
+    "dora",
+    "lora_bias",
+    "ia3",
+    "pickle",
+    "base_model",
+    "module_set",
+    "shape",
+    "nan",
+    "inf",
+    "truncated",
+    "corrupt",
+    "duplicate",
+    "rank_mismatch",
+    "unsafe_name",
+    "not_adapter",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,9 +213,25 @@ def test_existing_output_is_kept_unless_forced(adapters, tmp_path):
 
 
 def test_bad_options_are_refused(adapters, tmp_path, capsys):
-    assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--method", "rmm-paper", "--storage-ratio", "0.01"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                *map(str, adapters),
+                "--out",
+                str(tmp_path / "b"),
+                "--method",
+                "rmm-paper",
+                "--storage-ratio",
+                "0.01",
+            ]
+        )
+        == 2
+    )
     assert "below the minimum" in capsys.readouterr().err
-    assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--method", "auto", "--basis-size", "2"]) == 2
+    assert (
+        main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--method", "auto", "--basis-size", "2"]) == 2
+    )
     assert "apply to method rmm-paper" in capsys.readouterr().err
     assert main(["merge", *map(str, adapters), "--out", str(tmp_path / "b"), "--basis-size", "-1"]) == 2
     assert not (tmp_path / "b").exists()
@@ -224,9 +300,23 @@ def _cli_case(case, adapters, bundle, tmp):
 
 
 CLI_CASES = [
-    "out unwritable", "out under /proc", "out is a file", "storage ratio inf", "storage ratio nan", "negative lora_alpha",
-    "negative alpha_pattern", "bad rank_pattern regex", "lora_alpha a string", "inspect: coefficients deleted", "inspect: basis deleted",
-    "inspect: energy missing", "inspect: numbers_original 0", "inspect: JSON nested too deep", "inspect: old format", "revert: into a file", "revert: bogus dtype",
+    "out unwritable",
+    "out under /proc",
+    "out is a file",
+    "storage ratio inf",
+    "storage ratio nan",
+    "negative lora_alpha",
+    "negative alpha_pattern",
+    "bad rank_pattern regex",
+    "lora_alpha a string",
+    "inspect: coefficients deleted",
+    "inspect: basis deleted",
+    "inspect: energy missing",
+    "inspect: numbers_original 0",
+    "inspect: JSON nested too deep",
+    "inspect: old format",
+    "revert: into a file",
+    "revert: bogus dtype",
 ]
 
 
@@ -244,14 +334,21 @@ def test_cli_refuses_in_one_line(case, adapters, merged, tmp_path, capsys):
 
 @pytest.mark.parametrize("field", ["init_lora_weights", "loftq_config", "alora_invocation_tokens", "velora_config"])
 def test_variants_that_keep_the_update_merge_and_revert(field, llama_base, adapters, tmp_path):
-    """Initialisation, training-only and gating options leave the saved B @ A meaning s * B @ A: merged, reverted exactly."""
+    """Initialisation, training-only and gating options leave the saved B @ A meaning s * B @ A: merged, reverted
+    exactly."""
     other = tmp_path / "other"
     if field == "velora_config":  # saves a lora_velora_embed tensor per module, carried as an extra
-        model = get_peft_model(load_base(llama_base), LoraConfig(r=4, target_modules=TARGETS, velora_config=VeloraConfig(num_groups=4)))
+        model = get_peft_model(
+            load_base(llama_base), LoraConfig(r=4, target_modules=TARGETS, velora_config=VeloraConfig(num_groups=4))
+        )
         model(torch.zeros(1, 4, dtype=torch.long))
         model.save_pretrained(other)
     else:
-        value = {"init_lora_weights": "pissa", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}, "alora_invocation_tokens": [5, 7]}[field]
+        value = {
+            "init_lora_weights": "pissa",
+            "loftq_config": {"loftq_bits": 4, "loftq_iter": 1},
+            "alora_invocation_tokens": [5, 7],
+        }[field]
         _edit_config(_copy(adapters[1], other), **{field: value})
     merge([adapters[0], other], tmp_path / "bundle", MergeOptions(storage_ratio=1.0), progress=False)
     revert(tmp_path / "bundle", tmp_path / "rev", progress=False)

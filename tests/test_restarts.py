@@ -10,7 +10,6 @@ sent each chunk's bytes once.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -52,7 +51,9 @@ def wide_adapters(tmp_path_factory) -> list[Path]:
     paths = []
     for task in range(4):
         torch.manual_seed(0)
-        model = get_peft_model(Wide(), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[f"layers.{i}" for i in range(LAYERS)]))
+        model = get_peft_model(
+            Wide(), LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=[f"layers.{i}" for i in range(LAYERS)])
+        )
         gen = torch.Generator().manual_seed(100 + task)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -79,7 +80,9 @@ class CoordinatorProcess:
     def start(self) -> None:
         self.starts += 1
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen([str(RMM), "coordinator", "serve", "--config", str(self.config)], stderr=log, stdout=log)
+            self.process = subprocess.Popen(
+                [str(RMM), "coordinator", "serve", "--config", str(self.config)], stderr=log, stdout=log
+            )
 
     def kill_and_restart(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -111,12 +114,22 @@ def test_sigkilled_coordinator_loses_no_site_and_no_acknowledged_chunk(ray_clust
     shards = {"a": wide_adapters[:2], "b": wide_adapters[2:]}
     opened = open_adapters(wide_adapters)
     federation = FederationConfig(
-        id="fed", base_model=opened[0].base_model or "", modules=module_specs(opened), merge=OPTIONS,
-        sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()}, min_sites=2, deadline_seconds=600,
+        id="fed",
+        base_model=opened[0].base_model or "",
+        modules=module_specs(opened),
+        merge=OPTIONS,
+        sites={s: Site(token_sha256=token_hash(t)) for s, t in tokens.items()},
+        min_sites=2,
+        deadline_seconds=600,
     )
     port = _free_port()
     state = tmp_path / "state"
-    config = {"port": port, "state_dir": str(state), "insecure": True, "federations": [federation.model_dump(mode="json")]}
+    config = {
+        "port": port,
+        "state_dir": str(state),
+        "insecure": True,
+        "federations": [federation.model_dump(mode="json")],
+    }
     (tmp_path / "fed.yaml").write_text(yaml.safe_dump(config))
     coordinator = CoordinatorProcess(tmp_path / "fed.yaml", tmp_path / "coordinator.log")
     sites = state / "fed" / "sites"
@@ -136,8 +149,14 @@ def test_sigkilled_coordinator_loses_no_site_and_no_acknowledged_chunk(ray_clust
 
     def site(name: str) -> dict:
         return run_site(
-            f"127.0.0.1:{port}", "fed", name, Credentials(token=tokens[name], insecure=True), shards[name], tmp_path / name,
-            actors=1, wait_timeout=120,
+            f"127.0.0.1:{port}",
+            "fed",
+            name,
+            Credentials(token=tokens[name], insecure=True),
+            shards[name],
+            tmp_path / name,
+            actors=1,
+            wait_timeout=120,
         )
 
     thread = threading.Thread(target=killer, daemon=True)

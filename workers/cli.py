@@ -23,25 +23,34 @@ def register(verbs) -> None:
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     p.add_argument("--federation", required=True, metavar="ID")
     p.add_argument("--site", required=True, metavar="ID", help="this site's id in the federation config")
-    p.add_argument("--token-file", type=Path, metavar="FILE", help="file holding this site's bearer token (or set RMM_SITE_TOKEN)")
+    p.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="file holding this site's bearer token (or set RMM_SITE_TOKEN)"
+    )
     p.add_argument("--ca", type=Path, help="CA certificate that signed the coordinator's (PEM)")
     p.add_argument("--cert", type=Path, help="this site's client certificate, for mutual TLS (PEM)")
     p.add_argument("--key", type=Path, help="its private key (PEM)")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC (loopback development only)")
     p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
     p.add_argument(
-        "--ray-address", metavar="ADDR",
-        help="join a shared Ray cluster, e.g. auto: the one `ray start --head` started on this host (default: $RAY_ADDRESS, "
-        "else an embedded local Ray; many sites on one host must share one)",
+        "--ray-address",
+        metavar="ADDR",
+        help="join a shared Ray cluster, e.g. auto: the one `ray start --head` started on this host "
+        "(default: $RAY_ADDRESS, else an embedded local Ray; many sites on one host must share one)",
     )
     p.add_argument("--actors", type=int, metavar="N", help="Ray actors holding shards (default: one per GPU, else 1)")
     p.add_argument(
-        "--threads", type=int, metavar="N",
+        "--threads",
+        type=int,
+        metavar="N",
         help="torch threads of each actor (default: 1 on a shared cluster, else this machine's CPUs over the actors)",
     )
     p.add_argument(
-        "--retry-seconds", type=float, default=120.0, metavar="S",
-        help="keep retrying a call for up to S seconds while the coordinator is unreachable, e.g. restarting (default 120)",
+        "--retry-seconds",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="keep retrying a call for up to S seconds while the coordinator is unreachable, e.g. restarting "
+        "(default 120)",
     )
     _add_upload_args(p)
     p.add_argument("--canonicalize", action="store_true", help="canonicalise factors (must match the federation)")
@@ -49,7 +58,9 @@ def register(verbs) -> None:
     p.add_argument("--json", action="store_true", help="print the site's report as JSON on stdout")
     p.set_defaults(run=_site_run)
 
-    p = verbs.add_parser("simulate", help="a whole federation on this machine: embedded Ray, loopback coordinator, N sites")
+    p = verbs.add_parser(
+        "simulate", help="a whole federation on this machine: embedded Ray, loopback coordinator, N sites"
+    )
     p.add_argument("--sites", type=int, default=3, metavar="N")
     p.add_argument("--adapters", required=True, nargs="+", type=Path, metavar="DIR")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -63,7 +74,8 @@ def register(verbs) -> None:
 
 def _add_method_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--method", choices=["auto", "rmm-paper"],
+        "--method",
+        choices=["auto", "rmm-paper"],
         help="auto (default; as rmm merge): the allocator, two rounds of uploads; rmm-paper: a per-position basis "
         "(implied, as in rmm merge, by a --basis-size or --canonicalize); must match the federation",
     )
@@ -71,15 +83,19 @@ def _add_method_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_upload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--upload", choices=["moments", "sketch", "factors", "auto"], default="auto",
-        help="what leaves the site under method rmm-paper (default auto: the smaller exact one of moments and a full-rank "
-        "sketch); method auto always sends spectra, then curves",
+        "--upload",
+        choices=["moments", "sketch", "factors", "auto"],
+        default="auto",
+        help="what leaves the site under method rmm-paper (default auto: the smaller exact one of moments "
+        "and a full-rank sketch); method auto always sends spectra, then curves",
     )
     p.add_argument("--sketch-rank", type=int, default=0, metavar="Q", help="rank q of a sketch upload")
     p.add_argument("--allow-factors", action="store_true", help="consent to sending raw adapters (--upload factors)")
     p.add_argument(
-        "--publish-coefficients", action="store_true",
-        help="once DONE, send the coordinator this site's (with simulate: every site's) coefficients, so it can revert the tasks itself",
+        "--publish-coefficients",
+        action="store_true",
+        help="once DONE, send the coordinator this site's (with simulate: every site's) coefficients, "
+        "so it can revert the tasks itself",
     )
 
 
@@ -100,10 +116,21 @@ def _site_run(args) -> int:
         # Threads x processes should stay near the cores: on a shared cluster, other sites' actors share them.
         threads = args.threads or (1 if shared else max(1, (os.cpu_count() or 1) // (args.actors or 1)))
         report = run_site(
-            args.coordinator, args.federation, args.site, credentials, args.adapters, args.out,
-            options=options, upload=args.upload, sketch_rank=args.sketch_rank, allow_factors=args.allow_factors,
-            actors=args.actors, actor_cpus=threads, retry=Retry(seconds=args.retry_seconds),
-            publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
+            args.coordinator,
+            args.federation,
+            args.site,
+            credentials,
+            args.adapters,
+            args.out,
+            options=options,
+            upload=args.upload,
+            sketch_rank=args.sketch_rank,
+            allow_factors=args.allow_factors,
+            actors=args.actors,
+            actor_cpus=threads,
+            retry=Retry(seconds=args.retry_seconds),
+            publish_coefficients=args.publish_coefficients,
+            on_stage=_stage_printer(args.json),
         )
     _emit({"sites": [report]}, args.json)
     return 0
@@ -116,8 +143,15 @@ def _simulate(args) -> int:
         raise RMMError("--upload factors sends raw adapters to the coordinator; add --allow-factors to opt in")
     with _only_json_on_stdout(args.json):
         report = simulate(
-            args.adapters, args.sites, args.out, merge_options(args), upload=args.upload, sketch_rank=args.sketch_rank,
-            force=args.force, publish_coefficients=args.publish_coefficients, on_stage=_stage_printer(args.json),
+            args.adapters,
+            args.sites,
+            args.out,
+            merge_options(args),
+            upload=args.upload,
+            sketch_rank=args.sketch_rank,
+            force=args.force,
+            publish_coefficients=args.publish_coefficients,
+            on_stage=_stage_printer(args.json),
         )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _emit(report, args.json)
@@ -142,7 +176,11 @@ def _only_json_on_stdout(as_json: bool):
 
 
 def _stage_printer(quiet: bool):
-    return (lambda site, stage: None) if quiet else (lambda site, stage: console.print(f"[dim]{site}: {stage}[/]", highlight=False))
+    return (
+        (lambda site, stage: None)
+        if quiet
+        else (lambda site, stage: console.print(f"[dim]{site}: {stage}[/]", highlight=False))
+    )
 
 
 def _emit(report: dict, as_json: bool) -> None:
@@ -150,13 +188,18 @@ def _emit(report: dict, as_json: bool) -> None:
         print(json.dumps(report, indent=2))
         return
     kinds = ", ".join(sorted({s["upload"] for s in report["sites"]}))
-    table = Table(title=f"federation ({kinds} upload): traffic and seconds per site", caption="kB = 1000 bytes; LoRA: the site's adapters' LoRA tensors")
+    table = Table(
+        title=f"federation ({kinds} upload): traffic and seconds per site",
+        caption="kB = 1000 bytes; LoRA: the site's adapters' LoRA tensors",
+    )
     for col in ("site", "tasks", "LoRA kB", "up kB", "down kB", "sketch", "upload", "wait", "download", "revert"):
         table.add_column(col, justify="right", no_wrap=col == "site")
     for s in report["sites"]:
         t = s["seconds"]
         table.add_row(
-            s["site"], str(len(s["tasks"])), *(f"{s[k] / 1000:,.0f}" for k in ("lora_bytes", "bytes_up", "bytes_down")),
+            s["site"],
+            str(len(s["tasks"])),
+            *(f"{s[k] / 1000:,.0f}" for k in ("lora_bytes", "bytes_up", "bytes_down")),
             *(f"{t[k]:.2f}" for k in ("sketch", "upload", "wait", "download", "revert")),
         )
     console.print(table)

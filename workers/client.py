@@ -47,8 +47,15 @@ class Traffic:
 
 class FederationClient:
     def __init__(
-        self, address: str, federation_id: str, site_id: str, credentials: Credentials, *,
-        timeout: float = 60.0, chunk_size: int = MAX_CHUNK, retry: Retry = Retry(),
+        self,
+        address: str,
+        federation_id: str,
+        site_id: str,
+        credentials: Credentials,
+        *,
+        timeout: float = 60.0,
+        chunk_size: int = MAX_CHUNK,
+        retry: Retry = Retry(),
     ):
         if not 0 < chunk_size <= MAX_CHUNK:
             raise RMMError(f"chunk size must be between 1 and {MAX_CHUNK} bytes, got {chunk_size}")
@@ -123,7 +130,9 @@ class FederationClient:
         while True:
             left = end - time.monotonic()
             step = max(0.1, min(left, 20.0))
-            status = self._call("Status", pb.StatusRequest(wait=True, timeout_seconds=step, **self._ids()), timeout=step + 30)
+            status = self._call(
+                "Status", pb.StatusRequest(wait=True, timeout_seconds=step, **self._ids()), timeout=step + 30
+            )
             if status.state in states or left <= 0:
                 return status
 
@@ -150,7 +159,9 @@ class FederationClient:
         digest = sha256_file(partial)
         if digest != status.basis_sha256:
             partial.unlink()
-            raise RMMError(f"downloaded basis sha256 {digest} differs from the coordinator's {status.basis_sha256}", file=file)
+            raise RMMError(
+                f"downloaded basis sha256 {digest} differs from the coordinator's {status.basis_sha256}", file=file
+            )
         partial.replace(file)
         return file
 

@@ -61,8 +61,23 @@ def run(out: Path, results_dir: Path = RESULTS, readme: Path | None = README) ->
 
     label, extra = FEDERATED
     fed = out / "federated"
-    console.print(f"[dim]$ rmm simulate --sites {SITES} --adapters $A/* --out {fed} --force {shlex.join(extra)}[/]", highlight=False)
-    _rmm(["simulate", "--sites", str(SITES), "--adapters", *map(str, examples.adapters.values()), "--out", str(fed), "--force", *extra])
+    console.print(
+        f"[dim]$ rmm simulate --sites {SITES} --adapters $A/* --out {fed} --force {shlex.join(extra)}[/]",
+        highlight=False,
+    )
+    _rmm(
+        [
+            "simulate",
+            "--sites",
+            str(SITES),
+            "--adapters",
+            *map(str, examples.adapters.values()),
+            "--out",
+            str(fed),
+            "--force",
+            *extra,
+        ]
+    )
     report = json.loads((fed / "report.json").read_text())
     where = {t: Path(s["reverted"]) / t for s in report["sites"] for t in s["tasks"]}
     results[label] = {t: evaluate(examples.base_dir, where[t], t) for t in tasks}
@@ -72,9 +87,14 @@ def run(out: Path, results_dir: Path = RESULTS, readme: Path | None = README) ->
     record = {  # what the table shows, and nothing that changes from run to run (no times, no paths)
         "tasks": tasks,
         "accuracy": results,
-        "merges": {k: {"storage": s["storage"]["ratio_counted"], "stored_as": _stored_as(s), "mean_dW_error": _mean_error(s)} for k, s in summaries.items()},
+        "merges": {
+            k: {"storage": s["storage"]["ratio_counted"], "stored_as": _stored_as(s), "mean_dW_error": _mean_error(s)}
+            for k, s in summaries.items()
+        },
         "federated_vs_centralised_max_relative_dW_difference": same,
-        "federation": {s["site"]: {k: s[k] for k in ("tasks", "bytes_up", "bytes_down", "lora_bytes")} for s in report["sites"]},
+        "federation": {
+            s["site"]: {k: s[k] for k in ("tasks", "bytes_up", "bytes_down", "lora_bytes")} for s in report["sites"]
+        },
     }
     table = render(record)
     console.print(table, highlight=False, markup=False, soft_wrap=True)
@@ -98,9 +118,14 @@ def render(record: dict) -> str:
     lines.append("| **mean** | " + " | ".join(f"{sum(a.values()) / len(a):.3f}" for a in acc.values()) + " |")
     lines.append("| storage (counted) | | 1 | " + " | ".join(f"{m['storage']:.3f}" for m in merges.values()) + " |")
     lines.append("| stored as | | | " + " | ".join(m["stored_as"] for m in merges.values()) + " |")
-    lines.append("| mean rel. dW error | | 0 | " + " | ".join(f"{m['mean_dW_error']:.3f}" for m in merges.values()) + " |")
+    lines.append(
+        "| mean rel. dW error | | 0 | " + " | ".join(f"{m['mean_dW_error']:.3f}" for m in merges.values()) + " |"
+    )
     same = record["federated_vs_centralised_max_relative_dW_difference"]
-    return "\n".join(lines) + f"\n\nLargest relative dW difference between the federated and the centralised adapters: {same:.1e}.\n"
+    return (
+        "\n".join(lines)
+        + f"\n\nLargest relative dW difference between the federated and the centralised adapters: {same:.1e}.\n"
+    )
 
 
 def _rmm(argv: list[str]) -> None:

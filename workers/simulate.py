@@ -121,14 +121,27 @@ def simulate(
     cpus = ray.cluster_resources().get("CPU", 1)
 
     def credentials(name: str) -> Credentials:
-        return Credentials(token=tokens[name], ca=certs["ca_cert"], cert=certs[f"{name}_cert"], key=certs[f"{name}_key"])
+        return Credentials(
+            token=tokens[name], ca=certs["ca_cert"], cert=certs[f"{name}_cert"], key=certs[f"{name}_key"]
+        )
 
     def site(i: int) -> dict:
         name = names[i]
         return run_site(
-            address, FEDERATION, name, credentials(name), shards[i], out / name,
-            options=options, upload=upload, sketch_rank=sketch_rank, allow_factors=upload == "factors", actor_cpus=cpus / len(names), wait_timeout=600,
-            publish_coefficients=publish_coefficients, on_stage=on_stage,
+            address,
+            FEDERATION,
+            name,
+            credentials(name),
+            shards[i],
+            out / name,
+            options=options,
+            upload=upload,
+            sketch_rank=sketch_rank,
+            allow_factors=upload == "factors",
+            actor_cpus=cpus / len(names),
+            wait_timeout=600,
+            publish_coefficients=publish_coefficients,
+            on_stage=on_stage,
         )
 
     clock = time.perf_counter()

@@ -37,10 +37,20 @@ class SiteShard:
     """One actor's share of a site's adapters."""
 
     def __init__(
-        self, name: str, adapter_dirs: list[str], work_dir: str, address: str, federation_id: str, site_id: str, credentials: Credentials,
-        retry: Retry = Retry(), threads: float = 1.0,
+        self,
+        name: str,
+        adapter_dirs: list[str],
+        work_dir: str,
+        address: str,
+        federation_id: str,
+        site_id: str,
+        credentials: Credentials,
+        retry: Retry = Retry(),
+        threads: float = 1.0,
     ):
-        torch.set_num_threads(max(1, int(threads)))  # the actor holds no CPU slot (see run_site): it must not take every core
+        torch.set_num_threads(
+            max(1, int(threads))
+        )  # the actor holds no CPU slot (see run_site): it must not take every core
         self.name, self.work = name, Path(work_dir)
         self.adapters = open_adapters(adapter_dirs)
         self.client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
@@ -100,7 +110,9 @@ class SiteShard:
         clock = time.perf_counter()
         bundle = Path(out_dir) / "bundles" / self.name
         manifest = merge([a.path for a in self.adapters], bundle, options, basis=basis, progress=False, force=True)
-        revert(bundle, Path(out_dir) / "reverted", progress=False, force=True)  # a site run again replaces its own output
+        revert(
+            bundle, Path(out_dir) / "reverted", progress=False, force=True
+        )  # a site run again replaces its own output
         return {
             "download_seconds": download,
             "revert_seconds": time.perf_counter() - clock,
@@ -117,7 +129,9 @@ class SiteShard:
             coefficients = self.client.upload(coefficients_file(bundle, entry.name), "coefficients")
             extras = self.client.upload(extras_file(bundle, entry.name), "extras") if entry.extras else None
             public = entry.model_copy(update={"source": f"site {self.client.site_id}"})  # no local paths leave the site
-            task = pb.PublishedTask(name=entry.name, task_json=public.model_dump_json(), coefficients=coefficients, extras=extras)
+            task = pb.PublishedTask(
+                name=entry.name, task_json=public.model_dump_json(), coefficients=coefficients, extras=extras
+            )
             tasks.append(task.SerializeToString())
         return tasks, self.client.traffic.bytes_sent - sent
 
@@ -149,7 +163,9 @@ def run_site(
     `actor_cpus`: the torch threads of each actor (actors reserve no CPU slot, so many sites can share a cluster).
     """
     if options.method == "auto" and upload not in ("auto", "spectra"):
-        raise RMMError(f"method auto uploads spectra (singular values and Gram roots); --upload {upload} is for method rmm-paper")
+        raise RMMError(
+            f"method auto uploads spectra (singular values and Gram roots); --upload {upload} is for method rmm-paper"
+        )
     if upload == "factors" and not allow_factors:
         raise RMMError("the 'factors' upload sends raw adapters to the coordinator; pass --allow-factors to opt in")
     out = Path(out)
@@ -160,7 +176,17 @@ def run_site(
     # slot meanwhile would keep other sites' actors from starting (many sites on one cluster deadlock).
     Actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0, max_restarts=2, max_task_retries=2)(SiteShard)
     handles = [
-        Actor.remote(f"{site_id}-{i}", shard, str(out / "work" / f"{i}"), address, federation_id, site_id, credentials, retry, actor_cpus)
+        Actor.remote(
+            f"{site_id}-{i}",
+            shard,
+            str(out / "work" / f"{i}"),
+            address,
+            federation_id,
+            site_id,
+            credentials,
+            retry,
+            actor_cpus,
+        )
         for i, shard in enumerate(shards)
     ]
     seconds = {}
@@ -179,7 +205,9 @@ def run_site(
         federation = MergeOptions(**config["merge"])
         if site_id not in client.status().committed_sites:  # else: restarted after its commit, it only waits
             on_stage(site_id, "upload")
-            results = _get([h.upload.remote(config["modules"], upload, sketch_rank, federation.canonicalize) for h in handles])
+            results = _get(
+                [h.upload.remote(config["modules"], upload, sketch_rank, federation.canonicalize) for h in handles]
+            )
             seconds["sketch_and_upload"] = time.perf_counter() - clock
             client.commit([pb.Part.FromString(part) for part, _ in results])
         on_stage(site_id, "wait")
@@ -187,7 +215,9 @@ def run_site(
         if federation.method == "auto":  # a second round: every site's error curves against the joint bases
             status = client.wait(wait_timeout, ("CURVES", "DONE", "FAILED"))
             if status.state not in ("CURVES", "DONE"):
-                raise RMMError(f"federation {federation_id} {status.state or 'did not open its second round'}: {status.message}")
+                raise RMMError(
+                    f"federation {federation_id} {status.state or 'did not open its second round'}: {status.message}"
+                )
             if not status.uploaded:
                 on_stage(site_id, "curves")
                 curves = _get([h.upload_curves.remote(config["modules"]) for h in handles])
@@ -248,12 +278,16 @@ def ensure_ray(address: str | None = None) -> bool:
     # ray.init raises bare Exceptions (e.g. "The current node timed out during startup"): the first line says why.
     if address:
         host, _, port = address.rpartition(":")
-        if host and port.isdigit() and "://" not in host:  # HOST:PORT (not auto, not ray://): Ray retries a dead one for minutes
+        if (
+            host and port.isdigit() and "://" not in host
+        ):  # HOST:PORT (not auto, not ray://): Ray retries a dead one for minutes
             try:
                 socket.create_connection((host, int(port)), timeout=10).close()
             except OSError as e:
                 reason = e.strerror or e
-                raise RMMError(f"cannot join the Ray cluster at {address}: {reason}; is `ray start --head` running there?") from None
+                raise RMMError(
+                    f"cannot join the Ray cluster at {address}: {reason}; is `ray start --head` running there?"
+                ) from None
         try:
             ray.init(address=address, **quiet)
         except Exception as e:
@@ -274,7 +308,8 @@ def _first_line(e: Exception) -> str:
 
 
 def _get(refs: list) -> list:
-    """ray.get, with an actor's RMMError (e.g. the coordinator's refusal) raised as itself: one line, no remote traceback."""
+    """ray.get, with an actor's RMMError (e.g. the coordinator's refusal) raised as itself: one line, no remote
+    traceback."""
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
@@ -288,7 +323,9 @@ def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
     when it holds fewer than (r + 3) / 2 tasks, else moments (r (r + 3) / 2 per position)."""
     n = sum(len(m["tasks"]) for m in manifests)
     sketch = sum((m["out_features"] + m["in_features"]) * m["rank"] * n for m in manifests[0]["modules"])
-    moments = sum((m["out_features"] + m["in_features"]) * m["rank"] * (m["rank"] + 3) // 2 for m in manifests[0]["modules"])
+    moments = sum(
+        (m["out_features"] + m["in_features"]) * m["rank"] * (m["rank"] + 3) // 2 for m in manifests[0]["modules"]
+    )
     return ("sketch", max(1, n - 1)) if sketch < moments else ("moments", 0)
 
 
@@ -307,7 +344,9 @@ def _site_manifest(manifests: list[dict], upload: str, sketch_rank: int, canonic
     return pb.SiteManifest(
         base_model=first["base_model"],
         modules=[
-            pb.Module(name=m["name"], out_features=m["out_features"], in_features=m["in_features"], rank=ranks[m["name"]])
+            pb.Module(
+                name=m["name"], out_features=m["out_features"], in_features=m["in_features"], rank=ranks[m["name"]]
+            )
             for m in sorted(first["modules"], key=lambda m: m["name"])
         ],
         tasks=sorted(t for m in manifests for t in m["tasks"]),

@@ -32,14 +32,26 @@ from rmm.errors import RMMError
 
 RATIOS = (0.25, 0.375, 0.5)
 REVERSIBLE = ("auto", "truncate", "joint", "rmm-paper", "rmm-canonical")
-SINGLE = ("ta-factors", "ties-factors", "dare-factors", "ta-dw", "ties-dw", "dare-dw", "core-space-ta", "core-space-ties", "lore")
+SINGLE = (
+    "ta-factors",
+    "ties-factors",
+    "dare-factors",
+    "ta-dw",
+    "ties-dw",
+    "dare-dw",
+    "core-space-ta",
+    "core-space-ties",
+    "lore",
+)
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def candidates() -> list[tuple[str, dict]]:
     """Every (method, params) the table compares: reversible methods at each storage ratio."""
-    return [(m, {"storage_ratio": r}) for m in REVERSIBLE for r in RATIOS] + [(m, {}) for m in SINGLE] + [("peft-svd", {})]
+    return (
+        [(m, {"storage_ratio": r}) for m in REVERSIBLE for r in RATIOS] + [(m, {}) for m in SINGLE] + [("peft-svd", {})]
+    )
 
 
 def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
@@ -79,12 +91,25 @@ def table(suite: Suite, results: list[dict]) -> dict:
     base = {t: evaluate(suite, None, t) for t in suite.tasks}
     rows = []
     for r in results:
-        gain = [(r["accuracy"][a] - base[suite.task_of[a]]) / (orig[a] - base[suite.task_of[a]]) for a in suite.adapters]
+        gain = [
+            (r["accuracy"][a] - base[suite.task_of[a]]) / (orig[a] - base[suite.task_of[a]]) for a in suite.adapters
+        ]
         norm = [r["accuracy"][a] / orig[a] for a in suite.adapters]
-        rows.append({**{k: r[k] for k in ("method", "params", "kind", "storage_ratio")},
-                     "retained_gain": sum(gain) / len(gain), "min_normalized": min(norm), "mean_accuracy": sum(r["accuracy"].values()) / len(gain)})
-    return {"suite": suite.name, "adapters": len(suite.adapters), "orig_mean": sum(orig.values()) / len(orig),
-            "base_mean": sum(base[suite.task_of[a]] for a in suite.adapters) / len(orig), "rows": rows}
+        rows.append(
+            {
+                **{k: r[k] for k in ("method", "params", "kind", "storage_ratio")},
+                "retained_gain": sum(gain) / len(gain),
+                "min_normalized": min(norm),
+                "mean_accuracy": sum(r["accuracy"].values()) / len(gain),
+            }
+        )
+    return {
+        "suite": suite.name,
+        "adapters": len(suite.adapters),
+        "orig_mean": sum(orig.values()) / len(orig),
+        "base_mean": sum(base[suite.task_of[a]] for a in suite.adapters) / len(orig),
+        "rows": rows,
+    }
 
 
 def write(report: dict, command: str) -> Path:
@@ -97,12 +122,21 @@ def write(report: dict, command: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"quality_{report['suite']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"`{command}`", "", f"suite **{report['suite']}**: {report['adapters']} adapters; mean accuracy of the originals "
-             f"{report['orig_mean']:.3f}, of the base alone {report['base_mean']:.3f}", "",
-             "| method | params | storage | retained gain | min normalized acc | mean acc |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"`{command}`",
+        "",
+        f"suite **{report['suite']}**: {report['adapters']} adapters; mean accuracy of the originals "
+        f"{report['orig_mean']:.3f}, of the base alone {report['base_mean']:.3f}",
+        "",
+        "| method | params | storage | retained gain | min normalized acc | mean acc |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in sorted(report["rows"], key=lambda r: (r["kind"], r["method"], r["storage_ratio"])):
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        lines.append(f"| {r['method']} | {params} | {r['storage_ratio']:.3f} | {r['retained_gain']:.3f} | {r['min_normalized']:.3f} | {r['mean_accuracy']:.3f} |")
+        lines.append(
+            f"| {r['method']} | {params} | {r['storage_ratio']:.3f} | {r['retained_gain']:.3f} | "
+            f"{r['min_normalized']:.3f} | {r['mean_accuracy']:.3f} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in REVERSIBLE:
@@ -170,14 +204,21 @@ def run_suites(names: list[str], work: Path, readme: Path | None = README) -> No
 def summary() -> str:
     """Markdown: average retained gain (storage) of the reversible methods and the best single merge,
     per suite and storage ratio, from benchmarks/results/quality_*.json; the best of each row in bold."""
-    reports = {s: json.loads((RESULTS / f"quality_{s}.json").read_text()) for s in SUITES if (RESULTS / f"quality_{s}.json").is_file()}
+    reports = {
+        s: json.loads((RESULTS / f"quality_{s}.json").read_text())
+        for s in SUITES
+        if (RESULTS / f"quality_{s}.json").is_file()
+    }
     methods = ["auto (default)", *REVERSIBLE[1:], "best single merge"]
     lines = ["| suite | budget | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
     for suite, report in reports.items():
         for ratio in RATIOS:
             cells = [_at(report, m, ratio) for m in REVERSIBLE] + [_best_single(report)]
             top = max(c[0] for c in cells if c is not None)
-            shown = ["-" if c is None else (f"**{c[0]:.3f}** ({c[1]:.2f})" if c[0] == top else f"{c[0]:.3f} ({c[1]:.2f})") for c in cells]
+            shown = [
+                "-" if c is None else (f"**{c[0]:.3f}** ({c[1]:.2f})" if c[0] == top else f"{c[0]:.3f} ({c[1]:.2f})")
+                for c in cells
+            ]
             lines.append(f"| {suite} | {ratio} | " + " | ".join(shown) + " |")
     return "\n".join(lines) + "\n"
 
@@ -202,7 +243,7 @@ def with_summary(text: str, table: str, markers: tuple[str, str] = (START, END))
     if start not in text or end not in text:
         return text
     before, rest = text.split(start, 1)
-    return before + start + "\n" + table + rest[rest.index(end):]
+    return before + start + "\n" + table + rest[rest.index(end) :]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -151,12 +151,20 @@ def eval_windows(family: str | None, n: int) -> torch.Tensor:
 EXTRACT_RANK = 8  # *pt-svd*: rank of the LoRA extracted from each full fine-tune
 
 MODEL = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CTX, tie_word_embeddings=False,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=CTX,
+    tie_word_embeddings=False,
 )
 BASE_TRAIN = dict(steps=600, batch_size=32, lr=3e-3, seed=0)
 LORA = dict(
-    task_type="CAUSAL_LM", r=8, lora_alpha=16,
+    task_type="CAUSAL_LM",
+    r=8,
+    lora_alpha=16,
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 )
 ADAPTER_TRAIN = dict(steps=300, batch_size=32, lr=5e-3)
@@ -169,16 +177,26 @@ EVAL_N = 64  # windows: 64 x 128 = 8192 scored characters per evaluation
 def _adapter(family: str, *, part=0, parts=1, seed=0, lr=None, steps=None, lora=None, kind="lora", start=None) -> dict:
     if kind == "full":  # full fine-tune of the projections, then PT-SVD to rank EXTRACT_RANK
         return dict(
-            kind=kind, family=family, topics=[part, parts], seed=seed,
-            lr=lr or FULL_TRAIN["lr"], steps=steps or FULL_TRAIN["steps"], batch_size=FULL_TRAIN["batch_size"],
+            kind=kind,
+            family=family,
+            topics=[part, parts],
+            seed=seed,
+            lr=lr or FULL_TRAIN["lr"],
+            steps=steps or FULL_TRAIN["steps"],
+            batch_size=FULL_TRAIN["batch_size"],
             extract=dict(rank=EXTRACT_RANK, target_modules=list(LORA["target_modules"])),
         )
     if kind != "lora":
         raise ValueError(f"unknown adapter kind {kind!r}")
     spec = dict(
-        kind=kind, family=family, topics=[part, parts], seed=seed,
-        lr=lr or ADAPTER_TRAIN["lr"], steps=steps or ADAPTER_TRAIN["steps"],
-        batch_size=ADAPTER_TRAIN["batch_size"], lora=dict(LORA, **(lora or {})),
+        kind=kind,
+        family=family,
+        topics=[part, parts],
+        seed=seed,
+        lr=lr or ADAPTER_TRAIN["lr"],
+        steps=steps or ADAPTER_TRAIN["steps"],
+        batch_size=ADAPTER_TRAIN["batch_size"],
+        lora=dict(LORA, **(lora or {})),
     )
     return spec | ({"start": start} if start else {})  # start: train from the suite's released adapter
 
@@ -204,12 +222,18 @@ RELEASED_VARIANTS = (
 # *hetero*: the i-th family gets the i-th LoRA config (a reduced suite with 2 families keeps r = 4 and
 # an rslora r = 16). lora_alpha stays 16, so the scalings are 4, 4 (rslora), 2, 1, 4, 5.7 (rslora).
 HETERO_LORA = (
-    dict(r=4), dict(r=16, use_rslora=True), dict(r=8), dict(r=16), dict(r=4), dict(r=8, use_rslora=True),
+    dict(r=4),
+    dict(r=16, use_rslora=True),
+    dict(r=8),
+    dict(r=16),
+    dict(r=4),
+    dict(r=8, use_rslora=True),
 )
 
 
-def suite_spec(name: str, families=None, adapter_steps: int | None = None, base_steps: int | None = None,
-               eval_n: int | None = None) -> dict:
+def suite_spec(
+    name: str, families=None, adapter_steps: int | None = None, base_steps: int | None = None, eval_n: int | None = None
+) -> dict:
     """The full spec of suite `name`; the keyword arguments shrink it (tests use them)."""
     if name == "few":
         adapters = {f: _adapter(f) for f in families or FEW_FAMILIES}
@@ -221,12 +245,12 @@ def suite_spec(name: str, families=None, adapter_steps: int | None = None, base_
     elif name == "pt-svd":
         adapters = {f: _adapter(f, kind="full") for f in families or FEW_FAMILIES}
     elif name == "many":
-        adapters = {
-            f"{f}-{i}": _adapter(f, **v) for f in families or FAMILIES for i, v in enumerate(MANY_VARIANTS)
-        }
+        adapters = {f"{f}-{i}": _adapter(f, **v) for f in families or FAMILIES for i, v in enumerate(MANY_VARIANTS)}
     elif name == "released":
         adapters = {
-            f"{f}-{i}": _adapter(f, start="released", **v) for f in families or FAMILIES for i, v in enumerate(RELEASED_VARIANTS)
+            f"{f}-{i}": _adapter(f, start="released", **v)
+            for f in families or FAMILIES
+            for i, v in enumerate(RELEASED_VARIANTS)
         }
     else:
         raise ValueError(f"unknown suite {name!r}; choose from {SUITES}")
@@ -234,8 +258,13 @@ def suite_spec(name: str, families=None, adapter_steps: int | None = None, base_
     if adapter_steps:
         for a in (*adapters.values(), *released.values()):
             a["steps"] = adapter_steps
-    base = dict(format=FORMAT, model=MODEL, train=dict(BASE_TRAIN, steps=base_steps or BASE_TRAIN["steps"]),
-                topics=list(topic_split()[0]), ctx=CTX)
+    base = dict(
+        format=FORMAT,
+        model=MODEL,
+        train=dict(BASE_TRAIN, steps=base_steps or BASE_TRAIN["steps"]),
+        topics=list(topic_split()[0]),
+        ctx=CTX,
+    )
     return dict(format=FORMAT, suite=name, base=base, adapters=adapters, eval_n=eval_n or EVAL_N) | (
         {"published": released} if released else {}
     )
@@ -249,6 +278,7 @@ def _hash(obj) -> str:
 
 
 # --- building -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -279,16 +309,25 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
     base_final = root / "base" / _hash(spec["base"])
     final = root / spec["suite"] / _hash(spec)
     suite = Suite(
-        spec["suite"], base_final, {a: final / "adapters" / a for a in spec["adapters"]},
-        {a: s["family"] for a, s in spec["adapters"].items()}, spec,
+        spec["suite"],
+        base_final,
+        {a: final / "adapters" / a for a in spec["adapters"]},
+        {a: s["family"] for a, s in spec["adapters"].items()},
+        spec,
         {a: final / "full" / a for a, s in spec["adapters"].items() if s["kind"] == "full"},
     )
     if final.is_dir() and base_final.is_dir():
         return suite
 
-    columns = (TextColumn("{task.fields[name]:>18}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.fields[name]:>18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+    )
     with _cpu_quietly(), Progress(*columns, disable=not progress) as bars:
+
         def bar(label, total):
             task = bars.add_task("", total=total, name=label, loss=float("nan"))
             return lambda step, loss: bars.update(task, completed=step, loss=loss)
@@ -305,7 +344,9 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
                     if s["kind"] == "full":
                         _train_full(suite.base_dir, a, s, tmp / "full" / a, tmp / "adapters" / a, bar(a, s["steps"]))
                     else:
-                        _train_adapter(suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]), tmp / "published")
+                        _train_adapter(
+                            suite.base_dir, a, s, tmp / "adapters" / a, bar(a, s["steps"]), tmp / "published"
+                        )
                 (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
     return suite
 
@@ -381,12 +422,14 @@ def _train_full(base_dir: Path, name: str, s: dict, ft_dir: Path, out_dir: Path,
     ids = corpus(s["family"], topic_subset(*s["topics"]))
     _fit(model, params, ids, s["steps"], s["batch_size"], s["lr"], _seed(s["seed"], name, "data"), report)
     model.save_pretrained(ft_dir)
-    summary = extract(base_dir / "model", ft_dir, s["extract"]["rank"], out_dir,
-                      target_modules=list(targets), progress=False)
+    summary = extract(
+        base_dir / "model", ft_dir, s["extract"]["rank"], out_dir, target_modules=list(targets), progress=False
+    )
     (ft_dir / "extract.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
 
 
 # --- evaluation -----------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=4)
 def _base_state(base_dir: str):
@@ -449,15 +492,23 @@ if __name__ == "__main__":
         s = build_suite(name, args.cache_dir)
         built = time.perf_counter() - t0
         r = report(s)
-        print(f"\n## {name}: {len(s.adapters)} adapters, build {built:.0f} s, "
-              f"evaluation of all adapters {r['eval_seconds']:.1f} s\n")
+        print(
+            f"\n## {name}: {len(s.adapters)} adapters, build {built:.0f} s, "
+            f"evaluation of all adapters {r['eval_seconds']:.1f} s\n"
+        )
         full = bool(s.full)
-        print("| adapter | task | lora | base | adapter | margin |" + (" full fine-tune |" if full else "")
-              + "\n|---|---|---|---:|---:|---:|" + ("---:|" if full else ""))
+        print(
+            "| adapter | task | lora | base | adapter | margin |"
+            + (" full fine-tune |" if full else "")
+            + "\n|---|---|---|---:|---:|---:|"
+            + ("---:|" if full else "")
+        )
         for a, row in r["rows"].items():
             spec = s.spec["adapters"][a]
             lora = spec.get("lora") or dict(r=spec["extract"]["rank"])
             kind = f"r={lora['r']}" + (" rslora" if lora.get("use_rslora") else "") + (" pt-svd" if a in s.full else "")
-            print(f"| {a} | {row['task']} | {kind} | {row['base']:.3f} | {row['adapter']:.3f} | {row['margin']:+.3f} |"
-                  + (f" {row['full']:.3f} |" if full else ""))
+            print(
+                f"| {a} | {row['task']} | {kind} | {row['base']:.3f} | {row['adapter']:.3f} | {row['margin']:+.3f} |"
+                + (f" {row['full']:.3f} |" if full else "")
+            )
         print(f"\nsmallest margin: {min(row['margin'] for row in r['rows'].values()):+.3f}")

@@ -21,7 +21,9 @@ BUNDLE_DIR = "bundle"
 def _check_names(adapters: list[LoraAdapter], reserved: set[str]) -> None:
     for a in adapters:
         if a.name in reserved:
-            raise RMMError(f"task name {a.name!r} clashes with an output file of this method; rename the directory", file=a.path)
+            raise RMMError(
+                f"task name {a.name!r} clashes with an output file of this method; rename the directory", file=a.path
+            )
 
 
 @register("truncate", "reversible", "Per-adapter rank truncation by SVD of dW (through QR of the factors); no sharing")
@@ -79,7 +81,9 @@ def rmm_paper(adapters: list[LoraAdapter], out_dir: Path, *, basis_size=None, st
 
 @register("rmm-canonical", "reversible", "RMM on canonicalised factors (rmm.merge with canonicalize=True)")
 def rmm_canonical(adapters: list[LoraAdapter], out_dir: Path, *, basis_size=None, storage_ratio=None) -> dict:
-    return _via_merge(adapters, out_dir, method="rmm-paper", basis_size=basis_size, storage_ratio=storage_ratio, canonicalize=True)
+    return _via_merge(
+        adapters, out_dir, method="rmm-paper", basis_size=basis_size, storage_ratio=storage_ratio, canonicalize=True
+    )
 
 
 @register("joint", "reversible", "Joint subspace sharing: per module shared bases U, V and a small K x K core per task")
@@ -105,6 +109,7 @@ def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_rati
         B, A = stack_factors(adapters, mod, canonical=True)  # (T, out, r), (T, r, in): B = U sqrt(S), A = sqrt(S) V^T
         n_out, n_in, r = mod.out_features, mod.in_features, mod.rank
         original = sum(a.modules[mod.name].rank for a in adapters) * (n_out + n_in)
+
         # K directions on each side, capped by what that side has: U is out x Ku, V is in x Kv.
         def sides(k: int) -> tuple[int, int]:
             return min(k, n_out, T * r), min(k, n_in, T * r)
@@ -132,6 +137,11 @@ def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_rati
     return {"adapters": written, "numbers_stored": stored, "errors": {t: sum(e) / len(e) for t, e in errors.items()}}
 
 
-@register("auto", "reversible", "rmm merge's default: per module, per-task truncation, joint or per-position sharing under one budget (rmm.allocate)")
+@register(
+    "auto",
+    "reversible",
+    "rmm merge's default: per module, per-task truncation, joint or per-position sharing "
+    "under one budget (rmm.allocate)",
+)
 def auto(adapters: list[LoraAdapter], out_dir: Path, *, storage_ratio=0.5) -> dict:
     return _via_merge(adapters, out_dir, method="auto", storage_ratio=storage_ratio)

@@ -69,7 +69,12 @@ def ta_factors(B, A, ctx) -> Factors:
     return _on_factors(task_arithmetic, B, A, ctx.weights)
 
 
-@register("ties-factors", "single", "TIES on A and B separately (PEFT 'ties': trim, elect sign, disjoint mean)", default_scale="1")
+@register(
+    "ties-factors",
+    "single",
+    "TIES on A and B separately (PEFT 'ties': trim, elect sign, disjoint mean)",
+    default_scale="1",
+)
 def ties_factors(B, A, ctx, *, density=0.2, majority_sign_method="total") -> Factors:
     d = _density(density)
     return _on_factors(lambda X, w: _quiet(ties, X, w, d, majority_sign_method), B, A, ctx.weights)
@@ -140,5 +145,3 @@ def lore(B, A, ctx, *, tau=0.1, iterations=10, rank=None) -> Factors:
         D = torch.stack([svt(M - m, theta) for M in cores])
     m = torch.einsum("t,tij->ij", w, cores - D) / total
     return from_core(U_B, total * m, V_A, out_rank(rank, ctx, min(m.shape)))
-
-

@@ -92,8 +92,15 @@ class StorageKind(ABC):
         return mod
 
     @abstractmethod
-    def fit(self, mod: ModuleEntry, adapters: list[LoraAdapter], raw: Factors, factors: Factors, dtype: torch.dtype,
-            given: dict[str, torch.Tensor] | None) -> tuple[dict, list[dict], dict[str, float] | None]:
+    def fit(
+        self,
+        mod: ModuleEntry,
+        adapters: list[LoraAdapter],
+        raw: Factors,
+        factors: Factors,
+        dtype: torch.dtype,
+        given: dict[str, torch.Tensor] | None,
+    ) -> tuple[dict, list[dict], dict[str, float] | None]:
         """(basis tensors, each task's tensors, energy kept) of the module, in `dtype`, from the tasks' `raw`
         factors and the `factors` it fits (canonical or raw). With `given` (the basis tensors of a basis file solved
         elsewhere) only the tasks' tensors are fitted. Energy None: the share of the tasks' summed ||dW||^2 kept."""

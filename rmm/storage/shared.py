@@ -16,7 +16,16 @@ import torch
 
 from rmm.metrics import relative_error
 from rmm.solver import (
-    Basis, Moments, coefficients, decode, encode, energy_kept, reconstruct, smallest_exact, solve, storage_numbers,
+    Basis,
+    Moments,
+    coefficients,
+    decode,
+    encode,
+    energy_kept,
+    reconstruct,
+    smallest_exact,
+    solve,
+    storage_numbers,
     summary_specs,
 )
 from rmm.storage.base import FACTORS, Choice, Curves, StorageKind
@@ -145,10 +154,13 @@ class Shared(StorageKind):
     def bases(self, mod, ranks, sites, specs):
         out = {}
         for f in FACTORS:
-            total = reduce(operator.add, (
-                decode(smallest_exact(n, mod.rank)[0], n, mod.rank, partial(_read_factor, read, f))
-                for n, read in sites
-            ))
+            total = reduce(
+                operator.add,
+                (
+                    decode(smallest_exact(n, mod.rank)[0], n, mod.rank, partial(_read_factor, read, f))
+                    for n, read in sites
+                ),
+            )
             basis = solve(total, specs[f"{f}.basis"][1][2])
             out |= {f"{f}.mean": basis.mean.contiguous(), f"{f}.basis": basis.vectors.contiguous()}
         return out
@@ -157,8 +169,9 @@ class Shared(StorageKind):
         return bases("B.basis")[2] + 1
 
     def site_curve(self, mod, raw, canonical, bases):
-        per_position = tuple(Basis(bases(f"{f}.mean").double(), bases(f"{f}.basis").double(), torch.empty(0))
-                             for f in FACTORS)
+        per_position = tuple(
+            Basis(bases(f"{f}.mean").double(), bases(f"{f}.basis").double(), torch.empty(0)) for f in FACTORS
+        )
         return shared_errors(*raw, per_position)
 
     def federated_curve(self, S, rows, bases):
