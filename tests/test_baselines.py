@@ -60,6 +60,7 @@ def test_registry_lists_every_method():
         "rmm-canonical",
         "joint",
         "auto",
+        "share",
     }
     assert all(m.description for m in METHODS.values())
 

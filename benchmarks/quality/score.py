@@ -30,8 +30,8 @@ from rmm import __version__
 from rmm.baselines import METHODS, SINGLE_DIR, run
 from rmm.errors import RMMError
 
-RATIOS = (0.25, 0.375, 0.5)
-REVERSIBLE = ("auto", "truncate", "joint", "rmm-paper", "rmm-canonical")
+RATIOS = (0.1, 0.25, 0.375, 0.5)
+REVERSIBLE = ("auto", "truncate", "joint", "rmm-paper", "rmm-canonical", "share")
 SINGLE = (
     "ta-factors",
     "ties-factors",
@@ -203,17 +203,22 @@ def run_suites(names: list[str], work: Path, readme: Path | None = README) -> No
 
 def summary() -> str:
     """Markdown: average retained gain (storage) of the reversible methods and the best single merge,
-    per suite and storage ratio, from benchmarks/results/quality_*.json; the best of each row in bold."""
+    per suite and storage ratio, from benchmarks/results/quality_*.json; the best of each row in bold. A method
+    or budget that no results file has yet (added since the suites were last scored) is left out."""
     reports = {
         s: json.loads((RESULTS / f"quality_{s}.json").read_text())
         for s in SUITES
         if (RESULTS / f"quality_{s}.json").is_file()
     }
-    methods = ["auto (default)", *REVERSIBLE[1:], "best single merge"]
+    columns = [m for m in REVERSIBLE if any(_at(r, m, ratio) for r in reports.values() for ratio in RATIOS)]
+    methods = [f"{m} (default)" if m == "auto" else m for m in columns] + ["best single merge"]
     lines = ["| suite | budget | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
     for suite, report in reports.items():
         for ratio in RATIOS:
-            cells = [_at(report, m, ratio) for m in REVERSIBLE] + [_best_single(report)]
+            cells = [_at(report, m, ratio) for m in columns]
+            if not any(cells):
+                continue
+            cells.append(_best_single(report))
             top = max(c[0] for c in cells if c is not None)
             shown = [
                 "-" if c is None else (f"**{c[0]:.3f}** ({c[1]:.2f})" if c[0] == top else f"{c[0]:.3f} ({c[1]:.2f})")

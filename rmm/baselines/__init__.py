@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,16 +140,13 @@ def run(name: str, adapter_dirs: list[str | Path], out_dir: str | Path, *, force
 
 def lora_numbers(adapter_dir: str | Path) -> int:
     """Numbers in the lora_A / lora_B tensors of a written adapter (extras not counted)."""
-    file = Path(adapter_dir) / WEIGHTS_FILE
+    return tensor_numbers(Path(adapter_dir) / WEIGHTS_FILE, lambda k: k.endswith(_A) or k.endswith(_B))
+
+
+def tensor_numbers(file: Path, keep: Callable[[str], bool] = lambda key: True) -> int:
+    """Numbers in the tensors of a safetensors file whose key `keep` accepts (read off the header)."""
     with open_safetensors(file) as f:
-        total = 0
-        for k in f.keys():
-            if k.endswith(_A) or k.endswith(_B):
-                n = 1
-                for d in f.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if keep(k))
 
 
 def _resolve_params(name: str, method: Method, params: dict) -> dict:
@@ -196,4 +194,4 @@ def _run_single(method: Method, adapters: list[LoraAdapter], out_dir: Path, w: t
     return part
 
 
-from rmm.baselines import reversible, single  # noqa: E402,F401  (register the built-in methods)
+from rmm.baselines import reversible, share, single  # noqa: E402,F401  (register the built-in methods)
