@@ -60,24 +60,15 @@ def test_simulate_json_is_all_that_stdout_holds(adapters, tmp_path):
     assert [len(s["tasks"]) for s in report["sites"]] == [1, 1, 1, 1]
 
 
+def _lone_site(adapter, tmp_path) -> list[str]:
+    """`rmm site run` for one adapter against a coordinator that is never reached (the test fails before)."""
+    site = ["--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "s", "--insecure"]
+    return [RMM, "site", "run", *site, "--adapters", str(adapter), "--out", str(tmp_path / "out")]
+
+
 def test_a_site_whose_embedded_ray_cannot_start_says_how_to_share_one(adapters, tmp_path):
     env = {**os.environ, "RAY_OVERRIDE_RESOURCES": "not json", "RMM_SITE_TOKEN": "t"}
-    args = [
-        RMM,
-        "site",
-        "run",
-        "--coordinator",
-        "127.0.0.1:1",
-        "--federation",
-        "f",
-        "--site",
-        "s",
-        "--insecure",
-        "--adapters",
-        str(adapters[0]),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    args = _lone_site(adapters[0], tmp_path)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -90,24 +81,7 @@ def test_a_site_told_a_ray_address_where_nothing_listens_says_so_at_once(adapter
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     env = {**os.environ, "RMM_SITE_TOKEN": "t"}
-    args = [
-        RMM,
-        "site",
-        "run",
-        "--coordinator",
-        "127.0.0.1:1",
-        "--federation",
-        "f",
-        "--site",
-        "s",
-        "--insecure",
-        "--adapters",
-        str(adapters[0]),
-        "--out",
-        str(tmp_path / "out"),
-        "--ray-address",
-        address,
-    ]
+    args = [*_lone_site(adapters[0], tmp_path), "--ray-address", address]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot join the Ray cluster at {address}"), (
