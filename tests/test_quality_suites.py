@@ -42,7 +42,7 @@ def snapshot(folder: Path) -> dict:
 
 def test_full_specs_have_the_required_shape():
     few, many = S.suite_spec("few"), S.suite_spec("many")
-    assert S.SUITES == ("few", "many", "hetero", "pt-svd", "released")
+    assert S.SUITES == ("few", "many", "hetero", "pt-svd", "released", "encoder", "encoder-few")
     assert len(few["adapters"]) >= 6
     assert len({a["family"] for a in few["adapters"].values()}) == len(few["adapters"])  # all different
     assert len(many["adapters"]) >= 32

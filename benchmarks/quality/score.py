@@ -1,10 +1,10 @@
 """Score every merging method on a quality suite: accuracy per task, retained gain, storage.
 
 For each adapter a of the suite (trained for task t): `orig` = its accuracy on t, `base` = the base
-model's, `cand` = the candidate's (a reverted adapter, or the one merged adapter of a single-model
-method). normalized = cand / orig; retained gain = (cand - base) / (orig - base). Storage = numbers
-the method stores over the LoRA numbers of the T originals (heads excluded), counted from what the
-method wrote, at the originals' precision.
+model's (encoder suites: a's own head with the LoRA off), `cand` = the candidate's (a reverted adapter,
+or the one merged adapter of a single-model method). normalized = cand / orig; retained gain =
+(cand - base) / (orig - base). Storage = numbers the method stores over the LoRA numbers of the T
+originals (heads excluded), counted from what the method wrote, at the originals' precision.
 
     rmm bench quality few many hetero pt-svd          # tables + JSON + plots in benchmarks/results/,
                                                       # and the summary table in the README
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality.suites import SUITES, Suite, build_suite, evaluate
+from benchmarks.quality.suites import SUITES, Suite, baseline, build_suite, evaluate
 from rmm import __version__
 from rmm.baselines import METHODS, SINGLE_DIR, run
 from rmm.errors import RMMError
@@ -69,7 +69,13 @@ def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
         summary = run(method, dirs, out, force=True, **params)
     seconds = time.perf_counter() - clock
     single = method == "peft-svd" or METHODS[method].kind == "single"
-    acc = {a: evaluate(suite, out / (SINGLE_DIR if single else a), suite.task_of[a]) for a in suite.adapters}
+    # A single merged adapter has no head of each task: each task is scored with its own (encoder suites).
+    acc = {
+        a: evaluate(suite, out / SINGLE_DIR, suite.task_of[a], head=d)
+        if single
+        else evaluate(suite, out / a, suite.task_of[a])
+        for a, d in suite.adapters.items()
+    }
     result = {
         "method": method,
         "params": params,
@@ -88,12 +94,10 @@ def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
 def table(suite: Suite, results: list[dict]) -> dict:
     """Averages per candidate against the originals and the base."""
     orig = {a: evaluate(suite, d, suite.task_of[a]) for a, d in suite.adapters.items()}
-    base = {t: evaluate(suite, None, t) for t in suite.tasks}
+    base = {a: baseline(suite, a) for a in suite.adapters}
     rows = []
     for r in results:
-        gain = [
-            (r["accuracy"][a] - base[suite.task_of[a]]) / (orig[a] - base[suite.task_of[a]]) for a in suite.adapters
-        ]
+        gain = [(r["accuracy"][a] - base[a]) / (orig[a] - base[a]) for a in suite.adapters]
         norm = [r["accuracy"][a] / orig[a] for a in suite.adapters]
         rows.append(
             {
@@ -107,7 +111,7 @@ def table(suite: Suite, results: list[dict]) -> dict:
         "suite": suite.name,
         "adapters": len(suite.adapters),
         "orig_mean": sum(orig.values()) / len(orig),
-        "base_mean": sum(base[suite.task_of[a]] for a in suite.adapters) / len(orig),
+        "base_mean": sum(base.values()) / len(orig),
         "rows": rows,
     }
 
@@ -126,7 +130,8 @@ def write(report: dict, command: str) -> Path:
         f"`{command}`",
         "",
         f"suite **{report['suite']}**: {report['adapters']} adapters; mean accuracy of the originals "
-        f"{report['orig_mean']:.3f}, of the base alone {report['base_mean']:.3f}",
+        f"{report['orig_mean']:.3f}, of the baseline (base alone; encoder suites: heads with the LoRA off) "
+        f"{report['base_mean']:.3f}",
         "",
         "| method | params | storage | retained gain | min normalized acc | mean acc |",
         "|---|---|---:|---:|---:|---:|",

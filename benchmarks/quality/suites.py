@@ -30,6 +30,8 @@ Suites (`SUITES`):
           families (topic i under family i mod 8) is published; 8 families x 2 customers each start
           from it and train on their own family (other topic halves, seeds, learning rates), 16
           adapters. Where adapters share that much, sharing should pay.
+  encoder, encoder-few  sentence classifiers on a real pretrained encoder (MiniLM), each with its own head:
+          8 families x 4 variants = 32 adapters, and 4 families x 1; see `benchmarks.quality.encoder`.
 Every adapter in a spec is one dict (`kind`, `family`, `topics`, `seed`, `lr`, `steps`, then `lora` for
 kind "lora", `extract` (rank, target modules) for kind "full").
 
@@ -57,6 +59,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.quality import encoder
 from rmm.examples import _cpu_quietly, _seed
 from rmm.io import atomic_dir
 
@@ -235,6 +238,8 @@ def suite_spec(
     name: str, families=None, adapter_steps: int | None = None, base_steps: int | None = None, eval_n: int | None = None
 ) -> dict:
     """The full spec of suite `name`; the keyword arguments shrink it (tests use them)."""
+    if name in ENCODER_SUITES:
+        return encoder.suite_spec(name, families, adapter_steps=adapter_steps, eval_n=eval_n)
     if name == "few":
         adapters = {f: _adapter(f) for f in families or FEW_FAMILIES}
     elif name == "hetero":
@@ -270,7 +275,8 @@ def suite_spec(
     )
 
 
-SUITES = ("few", "many", "hetero", "pt-svd", "released")
+ENCODER_SUITES = ("encoder", "encoder-few")
+SUITES = ("few", "many", "hetero", "pt-svd", "released", *ENCODER_SUITES)
 
 
 def _hash(obj) -> str:
@@ -317,6 +323,13 @@ def build_suite(name: str, cache_dir=None, progress: bool = True, spec: dict | N
         {a: final / "full" / a for a, s in spec["adapters"].items() if s["kind"] == "full"},
     )
     if final.is_dir() and base_final.is_dir():
+        return suite
+    if spec.get("kind") == "encoder":  # trained in a fresh process: no bars, a line per adapter
+        new_base = not base_final.is_dir()
+        with atomic_dir(final, keep_existing=True) as tmp, atomic_dir(base_final, keep_existing=True) as base_tmp:
+            encoder.train(spec, base_tmp if new_base else None, tmp / "adapters", base_final, quiet=not progress)
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+            (base_tmp / "spec.json").write_text(json.dumps(spec["base"], indent=2, sort_keys=True))
         return suite
 
     columns = (
@@ -445,8 +458,10 @@ def accuracy(model, family: str, n: int = EVAL_N) -> float:
 
 
 def load(suite: Suite, adapter_dir=None):
-    """The base model, with the adapter in `adapter_dir` applied (PEFT) unless it is None; a full model
-    directory (config.json, as in `suite.full`) is loaded as it is."""
+    """The base model (encoder suites: `encoder.load`), with the adapter in `adapter_dir` applied (PEFT)
+    unless it is None; a full model directory (config.json, as in `suite.full`) is loaded as it is."""
+    if suite.spec.get("kind") == "encoder":
+        return encoder.load(suite.base_dir, adapter_dir)
     with _cpu_quietly():
         if adapter_dir is not None and (Path(adapter_dir) / "config.json").is_file():
             return LlamaForCausalLM.from_pretrained(adapter_dir).eval()
@@ -457,23 +472,34 @@ def load(suite: Suite, adapter_dir=None):
     return model.eval()
 
 
-def evaluate(suite: Suite, adapter_dir, task: str) -> float:
-    """Accuracy of `adapter_dir` (None: the base alone) on evaluation task `task` (deterministic)."""
+def evaluate(suite: Suite, adapter_dir, task: str, head=None) -> float:
+    """Accuracy of `adapter_dir` (None: the base alone) on evaluation task `task` (deterministic). Encoder
+    suites: `head` is the adapter whose classifier to use (a single merged adapter carries none)."""
+    if suite.spec.get("kind") == "encoder":
+        return encoder.evaluate(suite.base_dir, adapter_dir, task, suite.spec["eval_n"], head=head)
     if task not in TRANSFORMS:
         raise ValueError(f"unknown task {task!r}; choose from {FAMILIES}")
     return accuracy(load(suite, adapter_dir), task, suite.spec["eval_n"])
+
+
+def baseline(suite: Suite, adapter: str) -> float:
+    """The accuracy an adapter's gain is counted from: the base alone on its task; for encoder suites, whose
+    base has no head for the task, the adapter's own head with the LoRA off (every lora_B zeroed)."""
+    task = suite.task_of[adapter]
+    if suite.spec.get("kind") == "encoder":
+        return encoder.evaluate(suite.base_dir, suite.adapters[adapter], task, suite.spec["eval_n"], head_only=True)
+    return evaluate(suite, None, task)
 
 
 def report(suite: Suite) -> dict:
     """Per adapter: its task, the base's and the adapter's accuracy, the margin (and, for PT-SVD
     adapters, the full fine-tune's accuracy); and timings."""
     t0 = time.perf_counter()
-    base = {t: evaluate(suite, None, t) for t in suite.tasks}
     rows = {}
     for a, d in suite.adapters.items():
-        t = suite.task_of[a]
+        t, base = suite.task_of[a], baseline(suite, a)
         acc = evaluate(suite, d, t)
-        rows[a] = dict(task=t, base=base[t], adapter=acc, margin=acc - base[t])
+        rows[a] = dict(task=t, base=base, adapter=acc, margin=acc - base)
         if a in suite.full:
             rows[a]["full"] = evaluate(suite, suite.full[a], t)
     return dict(rows=rows, eval_seconds=time.perf_counter() - t0)
