@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from rmm.examples import PORTABLE_KERNELS, _cpu_quietly, _seed
@@ -227,6 +227,16 @@ def load(base_dir: Path, adapter_dir=None, head=None, head_only=False):
                     if "lora_B" in n:
                         p.zero_()
     return model.eval()
+
+
+def without_head(adapter_dir: Path, out: Path) -> Path:
+    """A copy of the adapter's LoRA alone (no task type, no head), which PEFT loads into any base."""
+    out.mkdir(parents=True)
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(config | {"task_type": None, "modules_to_save": None}))
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "lora_" in k}, out / "adapter_model.safetensors")
+    return out
 
 
 def evaluate(base_dir: Path, adapter_dir, family: str, n: int = EVAL_N, head=None, head_only=False) -> float:

@@ -169,13 +169,16 @@ def _peft_svd(suite: Suite, out: Path) -> dict:
     """PEFT's own `add_weighted_adapter(combination_type="svd")`, weights 1/T: a third-party reference."""
     from peft import PeftModel
 
+    from benchmarks.quality.encoder import without_head
     from benchmarks.quality.suites import load
     from rmm.baselines import lora_numbers
 
-    names = list(suite.adapters)
-    model = PeftModel.from_pretrained(load(suite), suite.adapters[names[0]], adapter_name=names[0])
+    names, dirs = list(suite.adapters), dict(suite.adapters)
+    if suite.spec.get("kind") == "encoder":  # PEFT refuses adapters that each save a head: merge their LoRA only
+        dirs = {n: without_head(d, out / "lora-only" / n) for n, d in dirs.items()}
+    model = PeftModel.from_pretrained(load(suite), dirs[names[0]], adapter_name=names[0])
     for n in names[1:]:
-        model.load_adapter(suite.adapters[n], adapter_name=n)
+        model.load_adapter(dirs[n], adapter_name=n)
     r = max(model.peft_config[n].r for n in names)  # mixed ranks: the largest, as the other dW methods keep
     model.add_weighted_adapter(names, [1 / len(names)] * len(names), "merged", combination_type="svd", svd_rank=r)
     model.save_pretrained(out, selected_adapters=["merged"])
