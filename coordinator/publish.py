@@ -8,8 +8,6 @@ a standard bundle of those tasks, which `rmm revert` reads:
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,9 +20,9 @@ from protos.rmm.v1 import federation_pb2 as pb
 from rmm import __version__
 from rmm.adapter import lora_scaling, module_name
 from rmm.bundle import BASIS_FILE, Manifest, ModuleEntry, Report, Storage, TaskEntry, read_manifest
-from rmm.bundle import coefficients_file, extras_file, file_hashes
+from rmm.bundle import coefficients_file, extras_file
 from rmm.errors import RMMError
-from rmm.io import read_all, sha256_file
+from rmm.io import read_all, tensor_counts
 from rmm.storage import coef_specs
 
 
@@ -33,8 +31,10 @@ class Publication:
 
     def __init__(self, fed: FederationState):
         self.fed, self.dir = fed, fed.dir / "result"
-        published = (self.dir / "manifest.json").exists()
-        self.tasks: dict[str, TaskEntry] = {t.name: t for t in read_manifest(self.dir).tasks} if published else {}
+        manifest = read_manifest(self.dir) if (self.dir / "manifest.json").exists() else None
+        self.tasks: dict[str, TaskEntry] = {t.name: t for t in manifest.tasks} if manifest else {}
+        # sha256 of every file of result/, by its path there: recorded once, when its part is assembled (and checked)
+        self.files: dict[str, str] = manifest.files if manifest else {}
 
     def publish(self, site: str, tasks: list[pb.PublishedTask]) -> str:
         """Store the site's own tasks' coefficients (and extras) in result/ and list them in its manifest."""
@@ -63,18 +63,20 @@ class Publication:
             new = {t.name: (t, self._check(t, staging, fed.dir / "sites" / site / "chunks")) for t in tasks}
             with fed.lock:
                 # Already published, by an earlier call or a concurrent retry of this one: same content or refused.
-                new = {name: entry for name, (t, entry) in new.items() if not self._same(t, entry)}
+                new = {name: (t, entry) for name, (t, entry) in new.items() if not self._same(t, entry)}
                 for name in new:
                     for file in (coefficients_file, extras_file):
                         if file(staging, name).exists():
                             file(self.dir, name).parent.mkdir(exist_ok=True)
                             file(staging, name).replace(file(self.dir, name))
-                published = self.tasks | new
-                write_atomic(
-                    self.dir / "manifest.json",
-                    self._bundle_manifest(published).model_dump_json(indent=2).encode(),
-                )
-                self.tasks = published
+                published, files = self.tasks | {name: entry for name, (_, entry) in new.items()}, dict(self.files)
+                for name, (t, entry) in new.items():
+                    files[_path(coefficients_file, name)] = t.coefficients.sha256
+                    if entry.extras:
+                        files[_path(extras_file, name)] = t.extras.sha256
+                manifest = self._bundle_manifest(published, files)
+                write_atomic(self.dir / "manifest.json", manifest.model_dump_json(indent=2).encode())
+                self.tasks, self.files = published, files
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         fed.consume(site, {c for t in tasks for part in (t.coefficients, t.extras) for c in part.chunks})
@@ -91,8 +93,8 @@ class Publication:
             entry = TaskEntry.model_validate_json(t.task_json)
         except ValidationError as e:
             raise bad(f"task_json is not a bundle task entry ({e.errors()[0]['msg']})") from None
-        if entry.name != t.name or Path(t.name).name != t.name or t.name.startswith("."):
-            raise bad(f"task_json names {entry.name!r}; the name must be the task's and usable as a file name")
+        if entry.name != t.name:  # TaskEntry itself holds its name to the file-name rule
+            raise bad(f"task_json names {entry.name!r}; the name must be the task's")
         if t.HasField("extras") != bool(entry.extras):
             raise bad("send an extras part exactly when the task entry lists extras")
         modules = [ModuleEntry(**m) for m in self.fed.result["modules"]]
@@ -136,8 +138,8 @@ class Publication:
         """False for a new task; True when it is published with this content; refused otherwise."""
         if t.name not in self.tasks:
             return False
-        extras = sha256_file(extras_file(self.dir, t.name)) if self.tasks[t.name].extras else ""
-        stored = (self.tasks[t.name], sha256_file(coefficients_file(self.dir, t.name)), extras)
+        extras = self.files[_path(extras_file, t.name)] if self.tasks[t.name].extras else ""
+        stored = (self.tasks[t.name], self.files[_path(coefficients_file, t.name)], extras)
         if stored != (entry, t.coefficients.sha256, t.extras.sha256):
             raise Refused(
                 Reason.PRECONDITION,
@@ -145,7 +147,7 @@ class Publication:
             )
         return True
 
-    def _bundle_manifest(self, published: dict[str, TaskEntry]) -> Manifest:
+    def _bundle_manifest(self, published: dict[str, TaskEntry], files: dict[str, str]) -> Manifest:
         """The bundle of the basis and the published tasks, its report from what the coordinator knows."""
         fed, r = self.fed, self.fed.result
         # A truncated module lists the ranks of the published tasks only: what the bundle stores.
@@ -153,8 +155,8 @@ class Publication:
             m.model_copy(update={"ranks": {t: m.ranks[t] for t in published}}) if m.ranks else m
             for m in (ModuleEntry(**m) for m in r["modules"])
         ]
-        files = [self.dir / BASIS_FILE, *(coefficients_file(self.dir, t) for t in published)]
-        numbers, size = (sum(c) for c in zip(*map(_tensor_counts, files)))
+        stored = [self.dir / BASIS_FILE, *(coefficients_file(self.dir, t) for t in published)]
+        numbers, size = (sum(c) for c in zip(*map(tensor_counts, stored)))
         originals = {
             t.name: sum(
                 lora_scaling(t.config, module_name(m.name))[0] * (m.out_features + m.in_features) for m in modules
@@ -178,16 +180,12 @@ class Publication:
             tasks=tasks,
             modules=modules,
             basis_sha256=r["basis_sha256"],
-            files=file_hashes(self.dir, tasks),
+            files={BASIS_FILE: r["basis_sha256"]} | files,
             # Errors are measured by the sites and stay there; the energy is the coordinator's own.
             report=Report(storage=storage, errors={}, energy=r["energy"], seconds={}),
         )
 
 
-def _tensor_counts(file: Path) -> tuple[int, int]:
-    """Numbers and bytes of a safetensors file's tensors, from its header."""
-    with open(file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    tensors = [v for k, v in header.items() if k != "__metadata__"]
-    numbers = sum(math.prod(v["shape"]) for v in tensors)
-    return numbers, sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)
+def _path(file, task: str) -> str:
+    """A task's file of the bundle by its path in it, as `Manifest.files` keys it."""
+    return file(Path(), task).as_posix()

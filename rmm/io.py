@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def read_tensor(f, file: Path, key: str) -> torch.Tensor:
 def read_all(file: Path) -> dict[str, torch.Tensor]:
     with open_safetensors(file) as f:
         return {k: read_tensor(f, file, k) for k in f.keys()}
+
+
+def tensor_counts(file: Path, keep: Callable[[str], bool] = lambda key: True) -> tuple[int, int]:
+    """Numbers and bytes of the tensors of a safetensors file whose key `keep` accepts, read off its header."""
+    try:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        tensors = [v for k, v in header.items() if k != "__metadata__" and keep(k)]
+        numbers = sum(math.prod(v["shape"]) for v in tensors)
+        return numbers, sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RMMError(f"unreadable safetensors header (missing, truncated or corrupt?): {e}", file=file) from None
 
 
 def sha256_file(file: Path) -> str:

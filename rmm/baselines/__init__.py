@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 from rmm.adapter import _A, _B, WEIGHTS_FILE, LoraAdapter, open_adapters, write_adapter
 from rmm.errors import RMMError
-from rmm.io import check_output, open_safetensors
+from rmm.io import check_output, tensor_counts
 from rmm.plan import module_specs, numbers_original, stack_factors, storage_dtype
 
 Kind = Literal["single", "reversible"]
@@ -140,13 +139,7 @@ def run(name: str, adapter_dirs: list[str | Path], out_dir: str | Path, *, force
 
 def lora_numbers(adapter_dir: str | Path) -> int:
     """Numbers in the lora_A / lora_B tensors of a written adapter (extras not counted)."""
-    return tensor_numbers(Path(adapter_dir) / WEIGHTS_FILE, lambda k: k.endswith(_A) or k.endswith(_B))
-
-
-def tensor_numbers(file: Path, keep: Callable[[str], bool] = lambda key: True) -> int:
-    """Numbers in the tensors of a safetensors file whose key `keep` accepts (read off the header)."""
-    with open_safetensors(file) as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if keep(k))
+    return tensor_counts(Path(adapter_dir) / WEIGHTS_FILE, lambda k: k.endswith(_A) or k.endswith(_B))[0]
 
 
 def _resolve_params(name: str, method: Method, params: dict) -> dict:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmm.adapter import LoraAdapter, open_adapter
-from rmm.baselines import SUMMARY_FILE, register, tensor_numbers
+from rmm.baselines import SUMMARY_FILE, register
 from rmm.baselines.reversible import _check_names
 from rmm.errors import RMMError
+from rmm.io import tensor_counts
 from rmm.metrics import relative_error
 from rmm.plan import numbers_original
 
@@ -47,8 +48,8 @@ def share(adapters: list[LoraAdapter], out_dir: Path, *, components=None, storag
         except ValueError as e:  # its compatibility checks (base model, target modules)
             raise RMMError(f"lorashare refused the adapters: {e}") from None
         model.save_pretrained(checkpoint)
-        stored = tensor_numbers(checkpoint / "shared_components.safetensors") + sum(
-            tensor_numbers(checkpoint / "adapters" / t / "loadings.safetensors") for t in paths
+        stored = tensor_counts(checkpoint / "shared_components.safetensors")[0] + sum(
+            tensor_counts(checkpoint / "adapters" / t / "loadings.safetensors")[0] for t in paths
         )
         return model, stored
 
