@@ -129,8 +129,8 @@ def merge_options(args) -> MergeOptions:
 def _merge(args) -> int:
     from rmm.merge import merge
 
-    merge(args.adapters, args.out, merge_options(args), progress=not args.json, force=args.force)
-    summary = inspect_bundle(args.out)
+    manifest = merge(args.adapters, args.out, merge_options(args), progress=not args.json, force=args.force)
+    summary = inspect_bundle(args.out, manifest)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmm.bundle import BASIS_FILE, bundle_files, checked_file, coefficients_file, read_manifest
+from rmm.bundle import BASIS_FILE, Manifest, bundle_files, checked_file, coefficients_file, read_manifest
 from rmm.storage import KINDS, kind
 
 
-def inspect_bundle(bundle: Path) -> dict:
-    """Everything `rmm inspect` shows, as plain data: storage by formula and on disk, allocation, errors, energy."""
-    m = read_manifest(bundle)
-    for file in bundle_files(m.tasks):
-        checked_file(bundle, m, bundle / file)
+def inspect_bundle(bundle: Path, manifest: Manifest | None = None) -> dict:
+    """Everything `rmm inspect` shows, as plain data: storage by formula and on disk, allocation, errors, energy.
+
+    `manifest`: the one `merge` has just written, whose files it hashed as it wrote them; without it the
+    bundle's own, every file checked against it (a bundle read from elsewhere).
+    """
+    m = manifest
+    if m is None:
+        m = read_manifest(bundle)
+        for file in bundle_files(m.tasks):
+            checked_file(bundle, m, bundle / file)
     T = len(m.tasks)
     formula = sum(kind(mod).stored_numbers(mod, T) for mod in m.modules)
-    files = [bundle / BASIS_FILE] + [coefficients_file(bundle, t.name) for t in m.tasks]
+    on_disk = sum(
+        f.stat().st_size for f in [bundle / BASIS_FILE] + [coefficients_file(bundle, t.name) for t in m.tasks]
+    )
     s = m.report.storage
     ps = sorted({p for mod in m.modules if (p := kind(mod).basis_size(mod)) is not None})
     return {
@@ -29,9 +37,9 @@ def inspect_bundle(bundle: Path) -> dict:
         "storage": {
             "ratio_formula": formula / s.numbers_original,
             "ratio_counted": s.ratio,
-            "bytes_on_disk": sum(f.stat().st_size for f in files),
+            "bytes_on_disk": on_disk,
             "bytes_original": s.bytes_original,
-            "ratio_bytes_on_disk": sum(f.stat().st_size for f in files) / s.bytes_original,
+            "ratio_bytes_on_disk": on_disk / s.bytes_original,
             "dtype": m.storage_dtype,
         },
         # A coordinator's bundle of published coefficients has no errors: only the sites hold the originals.
