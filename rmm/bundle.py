@@ -125,6 +125,29 @@ class Storage(_Strict):
     bytes_original: Positive  # tensor bytes of the inputs' LoRA weights
 
 
+class Candidate(_Strict):
+    """One plan calibration weighed (`rmm.calibrate`): its storage, its data-free objective and what it cost each
+    task (mean KL divergence of the output distributions from the original adapter's)."""
+
+    storage_ratio: float
+    dw_objective: float
+    divergence: dict[str, float]
+    total: float
+
+
+class Calibrated(_Strict):
+    """How calibration chose the plan: its inputs (the base, the data, the examples per task and their files'
+    sha256), every candidate and the one kept."""
+
+    base: str
+    data: str
+    examples: int
+    files: dict[str, str]
+    candidates: dict[str, Candidate]
+    chosen: str
+    seconds: dict[str, float]
+
+
 class Report(_Strict):
     storage: Storage
     # task -> module -> ||dW - dW_reverted||_F / ||dW||_F, from what was stored
@@ -133,6 +156,7 @@ class Report(_Strict):
     # ("shared" modules); module -> {"dW": share of the tasks' summed ||dW||^2 kept} otherwise
     energy: dict[str, dict[str, float]]
     seconds: dict[str, float]
+    calibration: Calibrated | None = None  # set when calibration chose the plan
 
 
 class Manifest(_Strict):

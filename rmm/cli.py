@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "rmm-paper: the paper's per-position basis (implied by --basis-size / --canonicalize)",
     )
     add_budget_args(p)
+    add_calibration_args(p)
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(run=_merge)
@@ -116,6 +117,35 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """--base / --calibration / --calibration-examples: choose method auto's plan by the tasks' outputs."""
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="choose the plan that changes each task's outputs the least (KL divergence) on its examples in "
+        'DIR/<task>.jsonl (or DIR/default.jsonl), one per line as {"input_ids": [...]} or {"text": ...}; '
+        "needs --base",
+    )
+    p.add_argument("--base", type=Path, metavar="BASE_DIR", help="the base model (a transformers directory)")
+    p.add_argument(
+        "--calibration-examples",
+        type=int,
+        default=64,
+        metavar="N",
+        help="examples per task, the first N of its file (default 64)",
+    )
+
+
+def calibration_of(args):
+    """The Calibration of a verb's flags, or None without --calibration."""
+    from rmm.calibrate import Calibration
+
+    if (args.calibration is None) != (args.base is None):
+        raise RMMError("--calibration and --base go together: the examples and the base model they run on")
+    return None if args.calibration is None else Calibration(args.base, args.calibration, args.calibration_examples)
+
+
 def merge_options(args) -> MergeOptions:
     """The MergeOptions of a verb's flags, the one way every verb (merge, simulate, site run) reads them:
     a flag the verb lacks or was not given keeps MergeOptions' default and its rule of what implies what."""
@@ -129,7 +159,14 @@ def merge_options(args) -> MergeOptions:
 def _merge(args) -> int:
     from rmm.merge import merge
 
-    manifest = merge(args.adapters, args.out, merge_options(args), progress=not args.json, force=args.force)
+    manifest = merge(
+        args.adapters,
+        args.out,
+        merge_options(args),
+        calibration=calibration_of(args),
+        progress=not args.json,
+        force=args.force,
+    )
     summary = inspect_bundle(args.out, manifest)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -238,6 +275,14 @@ def _print_summary(summary: dict) -> None:
         f"relative dW error: {measured}",
         highlight=False,
     )
+    if summary["calibration"]:
+        c = summary["calibration"]
+        console.print(
+            f"calibration ({c['examples']} examples per task, {c['seconds']['total']:.1f} s) chose "
+            f"[bold]{c['chosen']}[/] of: "
+            + ", ".join(f"{name} {x['storage_ratio']:.3f} KL {x['total']:.3g}" for name, x in c["candidates"].items()),
+            highlight=False,
+        )
     if s["ratio_counted"] >= 1:
         console.print(
             "[yellow]warning:[/] the bundle stores more numbers than the adapters it replaces; "

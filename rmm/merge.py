@@ -23,6 +23,8 @@ from rmm import __version__
 from rmm.adapter import LoraAdapter, open_adapters, write_adapter
 from rmm.bundle import (
     BASIS_FILE,
+    Calibrated,
+    Candidate,
     Manifest,
     MergeOptions,
     ModuleEntry,
@@ -35,7 +37,8 @@ from rmm.bundle import (
     file_hashes,
     read_manifest,
 )
-from rmm.allocate import allocate, curves
+from rmm.allocate import allocate, candidate_plans, curves, dw_objective
+from rmm.calibrate import Calibration, Examples, chosen, divergences, read_examples, summed
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
 from rmm.io import (
@@ -67,10 +70,14 @@ def merge(
     options: MergeOptions | None = None,
     *,
     basis: str | Path | None = None,
+    calibration: Calibration | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> Manifest:
     """Build the RMM bundle of `adapter_dirs` in `out`. Nothing is written unless all succeeds.
+
+    With `calibration` (method "auto"), the plan is the candidate that changes the tasks' outputs on their own
+    examples the least (`rmm.calibrate`), not the one with the least dW error.
 
     With `basis` (a basis file solved elsewhere, e.g. by a federation's coordinator from every
     site's moments) nothing is solved here: the adapters get their coefficients against that basis,
@@ -79,18 +86,24 @@ def merge(
     options = options or MergeOptions()
     out = Path(out)
     check_output(out, force, [*adapter_dirs, *([basis] if basis is not None else [])])
+    if calibration is not None and (basis is not None or options.method != "auto"):
+        raise RMMError("calibration chooses among method auto's plans: give no --basis and keep method auto")
     clock = time.perf_counter()
     adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)
+    calibrated = None
     if basis is not None:
         basis = Path(basis)
         modules = modules_of_basis(basis, specs, [a.name for a in adapters], options.method)
     elif options.method == "auto":
-        modules = allocate_modules(adapters, specs, options.storage_ratio * numbers_original(adapters), progress)
+        budget = options.storage_ratio * numbers_original(adapters)
+        modules, calibrated = allocate_modules(adapters, specs, budget, progress, calibration)
     else:
         modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
     dtype = storage_dtype(adapters)
-    seconds = {"open": time.perf_counter() - clock}
+    seconds = {"open": time.perf_counter() - clock - (calibrated.seconds["total"] if calibrated else 0.0)}
+    if calibrated:
+        seconds["calibrate"] = calibrated.seconds["total"]
 
     errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
     energy: dict[str, dict[str, float]] = {}
@@ -163,7 +176,7 @@ def merge(
             modules=modules,
             basis_sha256=sha256_file(basis) if basis is not None else None,
             files=file_hashes(tmp, tasks),
-            report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds),
+            report=Report(storage=storage, errors=errors, energy=energy, seconds=seconds, calibration=calibrated),
         )
         manifest.write(tmp)
     return manifest
@@ -260,13 +273,19 @@ def _solve_module(
 
 
 def allocate_modules(
-    adapters: list[LoraAdapter], specs: list[ModuleEntry], budget: float, progress: bool
-) -> list[ModuleEntry]:
-    """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers."""
+    adapters: list[LoraAdapter],
+    specs: list[ModuleEntry],
+    budget: float,
+    progress: bool,
+    calibration: Calibration | None = None,
+) -> tuple[list[ModuleEntry], Calibrated | None]:
+    """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers: the least dW
+    error, or, with `calibration`, the candidate plan that costs the tasks' outputs the least."""
 
     def curves_of(mod: ModuleEntry) -> Curves:
         return curves(*stack_factors(adapters, mod, canonical=False), [a.modules[mod.name].rank for a in adapters])
 
+    examples = read_examples(calibration, [a.name for a in adapters]) if calibration else None
     found = list(
         track(
             _in_order(curves_of, specs),
@@ -276,7 +295,66 @@ def allocate_modules(
             transient=True,
         )
     )
-    return planned_modules(specs, allocate(found, budget), [a.name for a in adapters])
+    names = [a.name for a in adapters]
+    if calibration is None:
+        return planned_modules(specs, allocate(found, budget), names), None
+    clock = time.perf_counter()
+    plans = candidate_plans(found, budget)
+    candidates = {name: planned_modules(specs, plan, names) for name, plan in plans.items()}
+    per_task, seconds = candidate_divergences(adapters, candidates, calibration.base, examples)
+    total = summed(per_task)
+    original = numbers_original(adapters)
+    report = Calibrated(
+        **calibration.record(),
+        files=examples.files,
+        candidates={
+            name: Candidate(
+                storage_ratio=sum(c.cost for c in plan) / original,
+                dw_objective=dw_objective(found, plan),
+                divergence=per_task[name],
+                total=total[name],
+            )
+            for name, plan in plans.items()
+        },
+        chosen=chosen(total),
+        seconds=seconds | {"total": time.perf_counter() - clock},
+    )
+    return candidates[report.chosen], report
+
+
+def candidate_divergences(
+    adapters: list[LoraAdapter],
+    candidates: dict[str, list[ModuleEntry]],
+    base: Path,
+    examples: Examples,
+    bases: dict[str, Path] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per candidate plan and task, the divergence of the reverted adapter's outputs from the original's
+    (`rmm.calibrate.divergences`), and the seconds spent. With `bases` (each candidate's basis file, as a
+    federation's coordinator sends them) nothing is solved here but each task's coefficients."""
+    dtype = storage_dtype(adapters)
+    clock = time.perf_counter()
+    reverted = {
+        name: reverted_factors(adapters, modules, dtype, bases[name] if bases else None)
+        for name, modules in candidates.items()
+    }
+    solve = time.perf_counter() - clock
+    per_task, seconds = divergences(adapters, reverted, base, examples)
+    return per_task, seconds | {"solve": solve}
+
+
+def reverted_factors(
+    adapters: list[LoraAdapter], modules: list[ModuleEntry], dtype: torch.dtype, basis: Path | None = None
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each task's folded factors per module as `revert` would rebuild them from a bundle of `modules` stored in
+    `dtype` (in the task's own dtype, as revert writes it), with nothing written."""
+    found: list[dict] = [{} for _ in adapters]
+    solve = partial(_solve_module, adapters, canonical=False, dtype=dtype, basis=basis)
+    for mod, (shared, own, _, _) in zip(modules, _in_order(solve, modules)):
+        for t, a in enumerate(adapters):
+            B, A = rebuild(mod, shared, own[t])
+            found[t][mod.name] = (B.to(a.dtype), A.to(a.dtype))
+    return found
 
 
 def _in_order(solve_one, modules: list[ModuleEntry]):

@@ -64,4 +64,6 @@ def inspect_bundle(bundle: Path, manifest: Manifest | None = None) -> dict:
             for mod in m.modules
         },
         "seconds": m.report.seconds,
+        # With calibration: every candidate plan, what it cost each task's outputs, and the one kept.
+        "calibration": m.report.calibration.model_dump() if m.report.calibration else None,
     }
