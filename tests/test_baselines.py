@@ -311,3 +311,28 @@ def test_auto_is_exact_at_full_budget_and_never_worse_than_truncation_joint_or_t
             "joint",
             "shared",
         }
+
+
+def test_auto_with_calibration_reverts_the_plan_whose_output_divergence_it_records(adapters, llama_base, tmp_path):
+    """`auto` passes base + calibration to rmm merge: each reverted adapter's mean KL from the original's next-token
+    distribution on the examples, measured here with PEFT, is what the report says the chosen plan costs it."""
+    data = tmp_path / "calibration"
+    data.mkdir()
+    examples = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(1))
+    (data / "default.jsonl").write_text("".join(json.dumps({"input_ids": x}) + "\n" for x in examples.tolist()))
+    summary = run(
+        "auto", adapters, tmp_path / "out", storage_ratio=0.3, base=str(llama_base), calibration=str(data),
+        calibration_examples=4,
+    )  # fmt: skip
+    assert summary["params"]["calibration_examples"] == 4 and summary["storage_ratio"] <= 0.3 + 1e-9
+    report = read_manifest(tmp_path / "out" / "bundle").report.calibration
+    assert report.examples == 4 and len(report.candidates) > 1
+    for a in adapters:
+        logp = [
+            torch.log_softmax(PeftModel.from_pretrained(load_base(llama_base), d).eval()(examples[:4]).logits, -1)
+            for d in (a, tmp_path / "out" / a.name)
+        ]
+        kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1).mean().item()
+        assert kl == pytest.approx(report.candidates[report.chosen].divergence[a.name], rel=1e-3, abs=1e-7)
+    with pytest.raises(RMMError, match="both"):
+        run("auto", adapters, tmp_path / "half", storage_ratio=0.3, base=str(llama_base))

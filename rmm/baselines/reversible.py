@@ -7,6 +7,7 @@ from pathlib import Path
 from rmm.adapter import LoraAdapter, write_adapter
 from rmm.baselines import SUMMARY_FILE, register
 from rmm.bundle import MergeOptions
+from rmm.calibrate import EXAMPLES, Calibration
 from rmm.canonical import canonicalize
 from rmm.errors import RMMError
 from rmm.merge import merge, revert
@@ -56,14 +57,14 @@ def truncate(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_r
     return {"adapters": written, "numbers_stored": stored, "errors": errors}
 
 
-def _via_merge(adapters: list[LoraAdapter], out_dir: Path, **options) -> dict:
-    """Run `rmm.merge` into out_dir/bundle and revert every task next to it."""
+def _via_merge(adapters: list[LoraAdapter], out_dir: Path, calibration: Calibration | None = None, **options) -> dict:
+    """Run `rmm.merge` (with `calibration`, if given) into out_dir/bundle and revert every task next to it."""
     _check_names(adapters, {BUNDLE_DIR, SUMMARY_FILE})
     try:
         options = MergeOptions(**options)
     except ValueError as e:
         raise RMMError(str(e)) from None
-    manifest = merge([a.path for a in adapters], out_dir / BUNDLE_DIR, options, progress=False)
+    manifest = merge([a.path for a in adapters], out_dir / BUNDLE_DIR, options, calibration=calibration, progress=False)
     written = revert(out_dir / BUNDLE_DIR, out_dir, progress=False)
     errors = {t: sum(e.values()) / len(e) for t, e in manifest.report.errors.items()}
     return {
@@ -143,5 +144,21 @@ def joint(adapters: list[LoraAdapter], out_dir: Path, *, rank=None, storage_rati
     "rmm merge's default: per module, per-task truncation, joint or per-position sharing "
     "under one budget (rmm.allocate)",
 )
-def auto(adapters: list[LoraAdapter], out_dir: Path, *, storage_ratio=0.5) -> dict:
-    return _via_merge(adapters, out_dir, method="auto", storage_ratio=storage_ratio)
+def auto(
+    adapters: list[LoraAdapter],
+    out_dir: Path,
+    *,
+    storage_ratio=0.5,
+    base=None,
+    calibration=None,
+    calibration_examples=EXAMPLES,
+) -> dict:
+    """With `base` (a transformers model directory) and `calibration` (a directory of <task>.jsonl examples), the
+    plan is the candidate that changes each task's outputs on its first `calibration_examples` examples the least
+    (`rmm merge --base --calibration`); without them, the data-free default."""
+    if (base is None) != (calibration is None):
+        raise RMMError("calibration needs both base (the model directory) and calibration (the examples' directory)")
+    if isinstance(calibration_examples, bool) or not isinstance(calibration_examples, int):
+        raise RMMError(f"calibration_examples must be a whole number, got {calibration_examples!r}")
+    given = Calibration(Path(base), Path(calibration), calibration_examples) if base is not None else None
+    return _via_merge(adapters, out_dir, given, method="auto", storage_ratio=storage_ratio)
