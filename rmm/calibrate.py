@@ -169,7 +169,8 @@ def _load(adapter: LoraAdapter, base: Path, bases: dict) -> torch.nn.Module:
     if task_type in ("SEQ_CLS", "TOKEN_CLS"):  # the head the adapter saves (modules_to_save) sizes the base's
         heads = [v for k, v in sorted(adapter.load_extras().items()) if k.endswith("weight") and v.dim() == 2]
         if heads:
-            kwargs["num_labels"] = heads[-1].shape[0]
+            # the adapter's head replaces the base's, which may have another number of labels
+            kwargs |= {"num_labels": heads[-1].shape[0], "ignore_mismatched_sizes": True}
             key += (heads[-1].shape[0],)
     if key not in bases:
         try:
