@@ -147,6 +147,9 @@ class StreamingWriter:
     memory. The format is simple (an 8-byte little-endian header length, a JSON header giving each
     tensor's dtype, shape and byte range, then the raw bytes), so when every shape is known up front
     the header goes first and the data streams after it. Files read back with `safe_open`.
+
+    No file is held open between writes (each write appends and closes), so a merge writing one coefficients
+    file per task needs a file handle for one of them at a time, however many tasks it has.
     """
 
     def __init__(
@@ -161,8 +164,8 @@ class StreamingWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
         self._pending = iter(specs.items())
-        self._file = open(file, "wb")
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._path = Path(file)
+        self._path.write_bytes(len(raw).to_bytes(8, "little") + raw)
         self.numbers = self.bytes = 0
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -172,12 +175,12 @@ class StreamingWriter:
                 f"expected {want_key} {dtype} {tuple(shape)}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
             )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        with open(self._path, "ab") as f:
+            f.write(memoryview(data))
         self.numbers += tensor.numel()
         self.bytes += data.nbytes
 
     def close(self) -> None:
         leftover = next(self._pending, None)
-        self._file.close()
         if leftover is not None:
             raise ValueError(f"{leftover[0]} was declared but never written")
