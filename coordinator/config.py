@@ -38,6 +38,10 @@ class FederationConfig(_Strict):
     # How to merge, as `rmm merge` reads it: method "auto" (the default) runs the allocator in two rounds of
     # uploads (spectra, then curves); "rmm-paper" a per-position basis from moments / sketches / factors.
     merge: MergeOptions = Field(default_factory=MergeOptions)
+    # Method auto only: a third round chooses among the allocator's candidate plans by what each changes in the
+    # tasks' outputs, every site measuring its own tasks on its own examples (rmm site run --base --calibration);
+    # only per-candidate sums leave a site.
+    calibrate: bool = False
     sites: dict[str, Site]  # site id -> credentials; only these may join
     min_sites: int = 1  # quorum: the federation aggregates at the deadline if this many committed
     deadline_seconds: float = 3600.0  # from creation: aggregate with the quorum, or fail
@@ -62,6 +66,11 @@ class FederationConfig(_Strict):
         if self.upload_kinds is None:
             self.upload_kinds = ["spectra"] if self.merge.method == "auto" else paper[:2]
         allowed = ["spectra"] if self.merge.method == "auto" else paper
+        if self.calibrate and self.merge.method != "auto":
+            raise ValueError(
+                f"calibrate chooses among method auto's plans; this federation's method is {self.merge.method}: "
+                "drop calibrate or the options that imply rmm-paper"
+            )
         if not self.upload_kinds or any(k not in allowed for k in self.upload_kinds):
             raise ValueError(f"method {self.merge.method} takes upload_kinds among {allowed}, got {self.upload_kinds}")
         for site in self.sites:

@@ -272,14 +272,16 @@ class _Servicer(pb_grpc.FederationServicer):
 
     @_call
     async def Status(self, fed: FederationState, request: pb.StatusRequest, context):
-        def idle() -> bool:  # nothing is asked of this site: OPEN, CLOSING, or CURVES once its curves are in
+        def idle() -> bool:  # nothing is asked of this site: OPEN, CLOSING, or CURVES / CALIBRATE once its upload is in
             phase = fed.progress.phase
-            return phase in (Phase.OPEN, Phase.CLOSING) or (phase is Phase.CURVES and request.site_id in fed.curves)
+            return phase in (Phase.OPEN, Phase.CLOSING) or (
+                phase in (Phase.CURVES, Phase.CALIBRATE) and fed.uploaded(request.site_id)
+            )
 
         end = time.monotonic() + min(max(request.timeout_seconds, 0.0), MAX_WAIT)
         while request.wait and idle() and end > time.monotonic():
             await self.coordinator.wait_change(fed.config.id, end - time.monotonic())
-        result = fed.result or fed.bases or {}
+        result = fed.result or fed.candidates or fed.bases or {}
         response = pb.StatusResponse(
             state=fed.state,
             # Only the calling site's own membership: no site learns which others joined or committed.
@@ -289,7 +291,7 @@ class _Servicer(pb_grpc.FederationServicer):
             message=fed.message(),
             basis_sha256=result.get("basis_sha256", ""),
             basis_size=result.get("basis_size", 0),
-            uploaded=request.site_id in (fed.curves if fed.progress.round == 2 else fed.commits),
+            uploaded=fed.uploaded(request.site_id),
         )
         return response, fed.state
 

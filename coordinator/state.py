@@ -9,14 +9,18 @@
     sites/<site>/commit.json               the commit (parts, tasks, time); written last, so it marks it
     sites/<site>/traffic.json              bytes received from and sent to the site, saved at each stage's end
     sites/<site>/curves/parts/, commit.json  method "auto" only: the site's second upload (curves)
+    sites/<site>/calibration/parts/, commit.json  with calibrate: the site's third (divergence sums per candidate)
     bases/bases.safetensors, bases.json    method "auto" only: the joint bases of round 1
+    candidates/candidates.safetensors, candidates.json  with calibrate: every candidate plan's basis, after round 2
     result/basis.safetensors, result.json  DONE: the basis (for "auto": the plan) and what it was made of
     result/...                             published tasks (see coordinator/publish.py)
 
 The phases: OPEN (round 1: collecting uploads) -> CLOSING (aggregating the round's sites) -> DONE, or,
-method auto, OPEN -> CLOSING -> CURVES (round 2: the bases are out, collecting curves) -> CLOSING -> DONE;
-a round whose deadline passes without enough uploads goes to FAILED. Each transition rewrites
-phase.json whole, and a restart resumes from it: a CLOSING federation aggregates again.
+method auto, OPEN -> CLOSING -> CURVES (round 2: the bases are out, collecting curves) -> CLOSING -> DONE,
+and with calibrate, before DONE: CALIBRATE (round 3: every candidate plan's basis is out, collecting each site's
+divergence per candidate summed over its tasks) -> CLOSING (the least total wins) -> DONE; a round whose deadline
+passes without enough uploads goes to FAILED. Each transition rewrites phase.json whole, and a restart resumes from
+it: a CLOSING federation aggregates again.
 
 Every file is written under a temporary name and renamed into place (fsynced first), so a
 coordinator killed at any moment restarts from whole files: an acknowledged chunk is on disk, a
@@ -51,13 +55,26 @@ from coordinator.config import FederationConfig
 from protos.rmm.v1 import federation_pb2 as pb
 from protos.rmm.v1.wire import MAX_CHUNK
 from rmm.bundle import BASIS_FILE, ModuleEntry
+from rmm.calibrate import chosen
 from rmm.errors import RMMError
 from rmm.io import atomic_dir, open_safetensors, read_tensor, safe_name, sha256_file
-from rmm.payload import aggregate, check_round_payload, read_payload, write_bases, write_plan
+from rmm.payload import (
+    aggregate,
+    check_divergences,
+    check_round_payload,
+    read_divergences,
+    read_payload,
+    split_candidates,
+    write_bases,
+    write_candidates,
+    write_plan,
+)
 from rmm.plan import plan_modules
 from rmm.storage import FACTORS
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ROUND_DIRS = {1: "", 2: "curves", 3: "calibration"}  # where a site's upload of each round lands, under its directory
+ROUND_KINDS = {2: "curves", 3: "divergences"}  # the payload kind of rounds 2 and 3 (round 1: the manifest's)
 
 
 class Reason(Enum):
@@ -84,6 +101,7 @@ class Refused(Exception):
 class Phase(str, Enum):
     OPEN = "OPEN"  # round 1: collecting the sites' uploads, until all committed or the deadline
     CURVES = "CURVES"  # method auto, round 2: the bases are out; collecting the curves of the bases' sites
+    CALIBRATE = "CALIBRATE"  # with calibrate, round 3: the candidates are out; collecting those sites' divergences
     CLOSING = "CLOSING"  # a round closed with `sites`: aggregating them (again, after a restart)
     DONE = "DONE"  # the basis (auto: the plan) is in result/: sites download it, and may publish
     FAILED = "FAILED"  # final: `message` says why
@@ -95,10 +113,10 @@ class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     phase: Phase
-    round: Literal[1, 2] = 1  # 1: the sites' first uploads; 2: method auto's curves
+    round: Literal[1, 2, 3] = 1  # 1: the sites' first uploads; 2: method auto's curves; 3: its divergences
     created: float  # the federation's first start; never rewritten, so deadlines survive restarts
-    deadline: float  # the current round's: created + deadline_seconds; round 2: the bases' time + deadline_seconds
-    sites: list[str] = []  # CURVES: the bases' sites; CLOSING, DONE: the sites aggregated; FAILED: those committed
+    deadline: float  # the current round's: created + deadline_seconds; later rounds: their start + deadline_seconds
+    sites: list[str] = []  # CURVES, CALIBRATE: the bases' sites; CLOSING, DONE: the sites aggregated; FAILED: committed
     message: str = ""  # CLOSING, DONE, FAILED: what it is doing, or did
     finished: float | None = None  # DONE, FAILED
 
@@ -139,15 +157,19 @@ class FederationState:
         self.manifests: dict[str, pb.SiteManifest] = {}
         self.commits: dict[str, dict] = {}
         self.curves: dict[str, dict] = {}  # method "auto": the second round's commits
+        self.divergences: dict[str, dict] = {}  # with calibrate: the third round's
         self.traffic: dict[str, dict[str, int]] = {}
         # Per site, the uploaded chunks no commit consumed yet (sha256 -> bytes) and their total (max_pending_bytes).
         self.pending: dict[str, dict[str, int]] = {}
         self.pending_bytes: dict[str, int] = {}
         for site_dir in sorted((self.dir / "sites").glob("*")):
             self._load_site(site_dir.name, site_dir)
-        # The bases exist from round 2 on; a result only once DONE (a CLOSING federation rewrites either).
+        # The bases exist from round 2 on, the candidates in round 3; a result only once DONE (a CLOSING federation
+        # rewrites any of them).
         bases, result = self.dir / "bases" / "bases.json", self.dir / "result" / "result.json"
-        self.bases: dict | None = json.loads(bases.read_text()) if self.progress.round == 2 else None
+        candidates = self.dir / "candidates" / "candidates.json"
+        self.bases: dict | None = json.loads(bases.read_text()) if self.progress.round >= 2 else None
+        self.candidates: dict | None = json.loads(candidates.read_text()) if self.progress.round == 3 else None
         self.result: dict | None = json.loads(result.read_text()) if self.progress.phase is Phase.DONE else None
 
     def _remove_temporaries(self) -> None:
@@ -202,7 +224,8 @@ class FederationState:
         if (site_dir / "manifest.json").exists():
             self.manifests[site] = json_format.Parse((site_dir / "manifest.json").read_text(), pb.SiteManifest())
         consumed = set()
-        for store, where in ((self.commits, site_dir), (self.curves, site_dir / "curves")):
+        for round in (1, 2, 3):
+            store, where = self._store(round), site_dir / ROUND_DIRS[round]
             if (where / "commit.json").exists():
                 store[site] = json.loads((where / "commit.json").read_text())
                 consumed.update(_chunks_of(store[site]["parts"]))
@@ -230,8 +253,17 @@ class FederationState:
     def missing_sites(self) -> list[str]:
         return [s for s in self.config.sites if s not in self.commits]
 
-    def missing_curves(self) -> list[str]:
-        return [s for s in self.progress.sites if s not in self.curves]
+    def _store(self, round: int) -> dict[str, dict]:
+        """The commits of a round, by site: first uploads, curves or divergences."""
+        return (self.commits, self.curves, self.divergences)[round - 1]
+
+    def uploaded(self, site: str) -> bool:
+        """Whether the site's upload of the current round is committed."""
+        return site in self._store(self.progress.round)
+
+    def missing_uploads(self) -> list[str]:
+        """Rounds 2 and 3: the bases' sites whose upload of the round is not in."""
+        return [s for s in self.progress.sites if not self.uploaded(s)]
 
     def message(self) -> str:
         """What the federation is doing, for any site: counts only, never another site's name."""
@@ -242,10 +274,12 @@ class FederationState:
                     f"waiting: {len(self.commits)} of {len(self.config.sites)} sites committed, "
                     f"min_sites={self.config.min_sites}, deadline in {left:.0f} s"
                 )
-            case Phase.CURVES:
-                sites = len(self.progress.sites)
-                missing = len(self.missing_curves())
-                return f"bases ready; waiting for the curves of {missing} of {sites} sites, deadline in {left:.0f} s"
+            case Phase.CURVES | Phase.CALIBRATE:
+                ready, what = (
+                    ("bases", "curves") if self.progress.phase is Phase.CURVES else ("candidates", "divergences")
+                )
+                sites, missing = len(self.progress.sites), len(self.missing_uploads())
+                return f"{ready} ready; waiting for the {what} of {missing} of {sites} sites, deadline in {left:.0f} s"
             case _:
                 return self.progress.message
 
@@ -269,14 +303,17 @@ class FederationState:
                     self._fail(
                         f"deadline passed: {len(self.commits)} of min_sites={self.config.min_sites} sites committed",
                     )
-                case Phase.CURVES if not self.missing_curves():
+                case Phase.CURVES if not self.missing_uploads():
                     self._move(
                         phase=Phase.CLOSING,
                         message=f"allocating the storage budget over {len(self.bases['tasks'])} tasks",
                     )
-                case Phase.CURVES if now >= self.deadline:
-                    missing, sites = len(self.missing_curves()), len(self.progress.sites)
-                    self._fail(f"deadline passed without the curves of {missing} of {sites} sites")
+                case Phase.CALIBRATE if not self.missing_uploads():
+                    self._move(phase=Phase.CLOSING, message=f"choosing among {len(self.candidates['plans'])} plans")
+                case Phase.CURVES | Phase.CALIBRATE if now >= self.deadline:
+                    missing, sites = len(self.missing_uploads()), len(self.progress.sites)
+                    what = "curves" if self.progress.phase is Phase.CURVES else "divergences"
+                    self._fail(f"deadline passed without the {what} of {missing} of {sites} sites")
                 case _:
                     return False
             return True
@@ -289,18 +326,19 @@ class FederationState:
         self._move(phase=Phase.FAILED, sites=sorted(self.commits), message=message, finished=time.time())
 
     def _upload_round(self, site: str) -> int:
-        """The round whose upload the site may send now (1, or method auto's curves 2); refused when none."""
+        """The round whose upload the site may send now (1, method auto's curves 2, its divergences 3); refused when
+        none."""
         match self.progress.phase:
             case Phase.OPEN if site not in self.commits:
                 return 1
-            case Phase.CURVES if site in self.progress.sites and site not in self.curves:
-                return 2
-            case Phase.CURVES if site not in self.progress.sites:
+            case Phase.CURVES | Phase.CALIBRATE if site in self.progress.sites and not self.uploaded(site):
+                return self.progress.round
+            case Phase.CURVES | Phase.CALIBRATE if site not in self.progress.sites:
                 raise Refused(
                     Reason.PRECONDITION,
                     f"site {site} is not in this federation's bases (it committed too late); nothing more to upload",
                 )
-            case Phase.OPEN | Phase.CURVES:
+            case Phase.OPEN | Phase.CURVES | Phase.CALIBRATE:
                 raise Refused(Reason.PRECONDITION, f"site {site} already committed; nothing more to upload")
             case _:
                 raise Refused(
@@ -339,7 +377,7 @@ class FederationState:
         if bad:
             raise Refused(Reason.INVALID, f"{bad[0]!r} is not a sha256 (64 lowercase hex digits)")
         # The current round's commit consumed its chunks: their bytes are in the committed parts.
-        current = (self.curves if self.progress.round == 2 else self.commits).get(site)
+        current = self._store(self.progress.round).get(site)
         held = _chunks_of(current["parts"]) if current else set()
         chunks = self.dir / "sites" / site / "chunks"
         return [d for d in digests if d not in held and not (chunks / d).is_file()]
@@ -398,15 +436,14 @@ class FederationState:
         """The site's upload of the current round: its payload parts (round 1) or, method auto, its curves (round 2)."""
         manifest = self.joined(site)
         record = [{"name": p.name, "chunks": list(p.chunks), "sha256": p.sha256, "size": p.size} for p in parts]
-        if any(c["parts"] == record for c in (self.commits.get(site), self.curves.get(site)) if c):
-            return "committed again (same parts)"  # a retry, or round 1's upload sent again in round 2
+        if any(c["parts"] == record for c in (self._store(r).get(site) for r in (1, 2, 3)) if c):
+            return "committed again (same parts)"  # a retry, or an earlier round's upload sent again
         return self._land(site, record, manifest, self._upload_round(site))
 
     def _land(self, site: str, record: list[dict], manifest: pb.SiteManifest, round: int) -> str:
         """Assemble and check the parts from the site's chunks, then make the commit durable."""
-        store, where, kind = (self.commits, self.dir / "sites" / site, manifest.upload_kind)
-        if round == 2:
-            store, where, kind = self.curves, where / "curves", "curves"
+        store, where = self._store(round), self.dir / "sites" / site / ROUND_DIRS[round]
+        kind = ROUND_KINDS.get(round, manifest.upload_kind)
         check_parts(record)
         chunks = self.dir / "sites" / site / "chunks"
         wanted = {c for part in record for c in part["chunks"]}
@@ -482,10 +519,14 @@ class FederationState:
             _write_json(self.dir / "sites" / site / "traffic.json", self.traffic[site])
 
     def download(self) -> tuple[Path, str, int]:
-        """What DownloadBasis serves now, its sha256 and size: the bases (CURVES) or the basis (DONE)."""
+        """What DownloadBasis serves now, its sha256 and size: the bases (CURVES), the candidates (CALIBRATE) or the
+        basis (DONE)."""
         match self.progress.phase:
             case Phase.CURVES:
                 return self.dir / "bases" / "bases.safetensors", self.bases["basis_sha256"], self.bases["basis_size"]
+            case Phase.CALIBRATE:
+                c = self.candidates
+                return self.dir / "candidates" / "candidates.safetensors", c["basis_sha256"], c["basis_size"]
             case Phase.DONE:
                 return self.dir / "result" / BASIS_FILE, self.result["basis_sha256"], self.result["basis_size"]
             case _:
@@ -516,6 +557,8 @@ class FederationState:
             if kind in ("spectra", "curves"):
                 bases = self.dir / "bases" / "bases.safetensors" if kind == "curves" else None
                 return len(check_round_payload(file, kind, self.config.modules, list(manifest.tasks), bases))
+            if kind == "divergences":
+                return len(check_divergences(file, self.candidates["plans"], list(manifest.tasks)))
             n = int(meta.get("n", "0"))
             for module, moments in zip(self.config.modules, read_payload(file, self.config.modules)):
                 for factor, positions in zip(FACTORS, (module.out_features, module.in_features)):
@@ -542,7 +585,8 @@ class FederationState:
 
         rmm-paper: plan the basis sizes for the committed tasks, sum every part's moments and solve; DONE.
         auto, round 1: the joint bases from the sites' spectra; CURVES. auto, round 2: allocate the
-        budget from the spectra and curves; DONE with the plan as the basis file.
+        budget from the spectra and curves; DONE with the plan as the basis file, or, with calibrate, every
+        candidate plan's basis; CALIBRATE. Round 3: the candidate of the least summed divergence; DONE.
         """
         started = time.time()
         clock = time.perf_counter()
@@ -552,28 +596,23 @@ class FederationState:
         parts = self._parts(sites, self.commits, "")
         if self.config.merge.method == "auto" and self.progress.round == 1:
             return self._write_bases(tasks, parts, started, clock)
+        lora_numbers = sum(m.lora_numbers for m in manifests)
+        dtype = getattr(torch, self.config.basis_dtype)
+        if self.progress.round == 2:  # what write_plan and write_candidates allocate from
+            curves = self._parts(sites, self.curves, ROUND_DIRS[2])
+            budget = self.config.merge.storage_ratio * lora_numbers
+            auto = (parts, curves, self.config.modules, budget, self.dir / "bases" / "bases.safetensors")
+            if self.config.calibrate:
+                return self._write_candidates(auto, dtype, clock)
+        calibration = None
         with atomic_dir(self.dir / "result") as tmp:
-            if self.config.merge.method == "auto":
-                budget = self.config.merge.storage_ratio * sum(m.lora_numbers for m in manifests)
-                curves = self._parts(sites, self.curves, "curves")
-                bases = self.dir / "bases" / "bases.safetensors"
-                modules, energy = write_plan(
-                    parts,
-                    curves,
-                    self.config.modules,
-                    budget,
-                    bases,
-                    tmp / BASIS_FILE,
-                    getattr(torch, self.config.basis_dtype),
-                )
+            if self.progress.round == 3:
+                modules, energy, calibration = self._choose(sites, lora_numbers, tmp / BASIS_FILE)
+            elif self.progress.round == 2:
+                modules, energy = write_plan(*auto, tmp / BASIS_FILE, dtype)
             else:
-                modules = plan_modules(
-                    self.config.modules,
-                    len(tasks),
-                    sum(m.lora_numbers for m in manifests),
-                    self.config.merge,
-                )
-                energy = aggregate(parts, modules, tmp / BASIS_FILE, getattr(torch, self.config.basis_dtype))
+                modules = plan_modules(self.config.modules, len(tasks), lora_numbers, self.config.merge)
+                energy = aggregate(parts, modules, tmp / BASIS_FILE, dtype)
             solved = time.perf_counter()
             result = {
                 "sites": sites,
@@ -582,13 +621,15 @@ class FederationState:
                 "energy": energy,
                 "basis_sha256": sha256_file(tmp / BASIS_FILE),
                 "basis_size": (tmp / BASIS_FILE).stat().st_size,
-                "seconds": (self.bases or {}).get("seconds", {})
+                "seconds": (self.candidates or self.bases or {}).get("seconds", {})
                 | {
                     "collect": started - self.progress.created,
                     "aggregate": solved - clock,
                     "hash": time.perf_counter() - solved,
                 },
             }
+            if calibration:
+                result["calibration"] = calibration
             _write_json(tmp / "result.json", result)
         with self.lock:
             self.result = result
@@ -597,6 +638,45 @@ class FederationState:
                 message=f"aggregated {len(tasks)} tasks of {len(sites)} sites",
                 finished=time.time(),
             )
+
+    def _write_candidates(self, auto: tuple, dtype: torch.dtype, clock: float) -> None:
+        """With calibrate, end of round 2: every candidate plan's basis (`auto`: what `write_candidates` allocates
+        from), for the sites to measure; CALIBRATE."""
+        with atomic_dir(self.dir / "candidates") as tmp:
+            plans = write_candidates(*auto, tmp / "candidates.safetensors", dtype)
+            candidates = {
+                "plans": list(plans),
+                "candidates": plans,
+                "basis_sha256": sha256_file(tmp / "candidates.safetensors"),
+                "basis_size": (tmp / "candidates.safetensors").stat().st_size,
+                "seconds": self.bases["seconds"] | {"candidates": time.perf_counter() - clock},
+            }
+            _write_json(tmp / "candidates.json", candidates)
+        with self.lock:  # round 3 has a deadline of its own, from now
+            self.candidates = candidates
+            self._move(phase=Phase.CALIBRATE, round=3, deadline=time.time() + self.config.deadline_seconds, message="")
+
+    def _choose(self, sites: list[str], lora_numbers: int, file: Path) -> tuple[list[ModuleEntry], dict, dict]:
+        """End of round 3: the candidate with the least divergence summed over the sites (in `sites` order) and their
+        tasks; its basis (split from the candidates file the sites measured) into `file`. Its modules, energy kept,
+        and the calibration's record (each candidate's total and storage, the one chosen)."""
+        names = self.candidates["plans"]
+        totals = dict.fromkeys(names, 0.0)
+        for part in self._parts(sites, self.divergences, ROUND_DIRS[3]):
+            sums = read_divergences(part)
+            totals = {name: totals[name] + sums[name] for name in names}
+        best = chosen(totals)
+        split = split_candidates(self.dir / "candidates" / "candidates.safetensors", file.parent / ".split", [best])
+        split[best].replace(file)
+        split[best].parent.rmdir()
+        plan = self.candidates["candidates"][best]
+        record = {
+            "chosen": best,
+            "totals": totals,
+            "storage_ratio": {name: c["numbers"] / lora_numbers for name, c in self.candidates["candidates"].items()},
+            "dw_objective": {name: c["dw_objective"] for name, c in self.candidates["candidates"].items()},
+        }
+        return [ModuleEntry.model_validate(m) for m in plan["modules"]], plan["energy"], record
 
     def _parts(self, sites: list[str], store: dict[str, dict], round_dir: str) -> list[Path]:
         """The committed part files of `sites`: first uploads (store commits, round_dir "") or curves."""
@@ -647,6 +727,13 @@ class FederationState:
             "basis_sha256": r.get("basis_sha256"),
             "basis_size": r.get("basis_size"),
             "seconds": r.get("seconds", {}),
+            # The plan calibration chose and the candidates' names; never their totals, which with one's own sums
+            # would give the other sites' (with two sites, exactly).
+            **(
+                {"calibration": {"chosen": r["calibration"]["chosen"], "candidates": list(r["calibration"]["totals"])}}
+                if "calibration" in r
+                else {}
+            ),
         }
 
 
@@ -705,6 +792,13 @@ def _check_manifest(config: FederationConfig, m: pb.SiteManifest, taken: set[str
             f"canonicalize is {m.canonicalize}, the federation's is {config.merge.canonicalize}; prepare the factors "
             "the same way",
         )
+    if config.calibrate and not m.calibration:
+        refuse(
+            "the federation chooses its plan by calibration: run the site with --base BASE_DIR --calibration DIR "
+            "(its tasks' examples)"
+        )
+    if m.calibration and not config.calibrate:
+        refuse("the federation does not calibrate; run the site without --calibration")
     if not m.tasks:
         refuse("it lists no tasks")
     # The budget is a share of the sites' LoRA numbers: each task holds every module at a rank from 1 to the site's.

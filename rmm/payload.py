@@ -28,17 +28,18 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
+from safetensors.torch import save_file
 
 from rmm.adapter import LoraAdapter
 from rmm.bundle import ModuleEntry
 from rmm.errors import RMMError
-from rmm.io import StreamingWriter, open_safetensors, read_tensor
-from rmm.allocate import allocate
+from rmm.io import StreamingWriter, open_safetensors, read_tensor, safe_name
+from rmm.allocate import allocate, candidate_plans, dw_objective
 from rmm.canonical import canonicalize, singular_values
 from rmm.plan import PLAN, planned_modules, stack_factors
 from rmm.solver import Moments, decode, encode, solve, summary_specs
 from rmm import storage
-from rmm.storage import FACTORS
+from rmm.storage import FACTORS, Choice
 
 Upload = Literal["moments", "sketch", "factors"]
 UPLOADS = ("moments", "sketch", "factors")
@@ -228,20 +229,11 @@ def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases:
     return writer
 
 
-def write_plan(
-    spectra: list[Path],
-    curves: list[Path],
-    modules: list[ModuleEntry],
-    budget: float,
-    bases: Path,
-    file: Path,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[list[ModuleEntry], dict[str, dict[str, float]]]:
-    """The coordinator, after round 2: allocate `budget` numbers over every task, as `rmm merge` does,
-    and write the final basis (what the plan shares, cut from the bases, in `dtype`; the plan in its metadata).
-
-    Returns the planned modules and, per module, the share of the tasks' summed ||dW||^2 the plan keeps.
-    """
+def federated_curves(
+    spectra: list[Path], curves: list[Path], modules: list[ModuleEntry], bases: Path
+) -> tuple[list[str], list[storage.Curves], dict[str, torch.Tensor]]:
+    """The coordinator, after round 2: every module's error curves over all tasks, as `rmm.allocate.curves` gives
+    them centrally. Also the tasks (in spectra order) and, per module, each task's ||dW||^2."""
     tasks = [t for p in spectra for t in payload_tasks(p)]
     by_task = {t: i for i, t in enumerate(tasks)}
     found, energy = [], {}
@@ -266,28 +258,170 @@ def write_plan(
                 kinds[name] = k.federated_curve(S, rows, shapes)
             found.append(storage.Curves(m.out_features, m.in_features, m.rank, tuple(ranks), kinds))
             energy[m.name] = (S * S).sum(-1)
-        plan = allocate(found, budget)
-        planned = planned_modules(modules, plan, tasks)
-        plan_json = json.dumps([m.model_dump(mode="json") for m in planned])
-        writer = StreamingWriter(file, storage.basis_specs(planned, dtype), {"format": "pt", PLAN: plan_json})
-        for m in planned:
-            for suffix, (_, shape) in storage.kind(m).basis_specs(m, dtype).items():
-                whole = read_tensor(
-                    fb, bases, f"{m.name}.{suffix}"
-                )  # the largest size the curves priced; the plan keeps its head
-                writer.write(f"{m.name}.{suffix}", whole[tuple(slice(0, n) for n in shape)].to(dtype).contiguous())
-        writer.close()
-    kept = {
+    return tasks, found, energy
+
+
+def kept_energy(modules: list[ModuleEntry], plan: list[Choice], energy: dict[str, torch.Tensor]) -> dict:
+    """Per module, the share of the tasks' summed ||dW||^2 (`energy`, per task) the plan keeps."""
+    return {
         m.name: {
             "dW": 1.0 - float((torch.tensor(c.errors) * energy[m.name]).sum() / energy[m.name].sum().clamp_min(1e-300))
         }
         for m, c in zip(modules, plan)
     }
-    return planned, kept
+
+
+def _plan_tensors(planned: list[ModuleEntry], fb, bases: Path, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """What a plan shares, module by module in `storage.basis_specs` order, cut from the bases: each is the largest
+    size the curves priced, and the plan keeps its head."""
+    for m in planned:
+        for suffix, (_, shape) in storage.kind(m).basis_specs(m, dtype).items():
+            whole = read_tensor(fb, bases, f"{m.name}.{suffix}")
+            yield whole[tuple(slice(0, n) for n in shape)].to(dtype).contiguous()
+
+
+def _plan_json(planned: list[ModuleEntry]) -> str:
+    return json.dumps([m.model_dump(mode="json") for m in planned])
+
+
+def write_plan(
+    spectra: list[Path],
+    curves: list[Path],
+    modules: list[ModuleEntry],
+    budget: float,
+    bases: Path,
+    file: Path,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[ModuleEntry], dict[str, dict[str, float]]]:
+    """The coordinator, after round 2: allocate `budget` numbers over every task, as `rmm merge` does,
+    and write the final basis (what the plan shares, cut from the bases, in `dtype`; the plan in its metadata).
+
+    Returns the planned modules and, per module, the share of the tasks' summed ||dW||^2 the plan keeps.
+    """
+    tasks, found, energy = federated_curves(spectra, curves, modules, bases)
+    plan = allocate(found, budget)
+    planned = planned_modules(modules, plan, tasks)
+    specs = storage.basis_specs(planned, dtype)
+    writer = StreamingWriter(file, specs, {"format": "pt", PLAN: _plan_json(planned)})
+    with open_safetensors(bases) as fb:
+        for key, tensor in zip(specs, _plan_tensors(planned, fb, bases, dtype)):
+            writer.write(key, tensor)
+    writer.close()
+    return planned, kept_energy(modules, plan, energy)
+
+
+# --- method "auto" with calibration: a third round --------------------------------------------------
+#
+# After round 2 the coordinator writes every candidate plan of the allocator (`rmm.allocate.candidate_plans`) into
+# one file (`write_candidates`: tensors "<candidate>/<module>.<suffix>", each candidate's plan in the metadata under
+# "rmm.plan/<candidate>"). Each site splits it into the basis files the plans would be (`split_candidates`, the
+# bytes `write_plan` writes for that plan), measures each candidate on its own tasks' examples, and uploads only
+# the divergence per candidate summed over its tasks (`write_divergences`: one float64 scalar per candidate). The
+# coordinator sums them over sites and keeps the least (`rmm.calibrate.chosen`); the final basis is that
+# candidate's file, split from the same candidates file.
+
+
+def write_candidates(
+    spectra: list[Path],
+    curves: list[Path],
+    modules: list[ModuleEntry],
+    budget: float,
+    bases: Path,
+    file: Path,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, dict]:
+    """The coordinator, after round 2 of a calibrating federation: every candidate plan's basis in one file.
+
+    Returns per candidate (in `candidate_plans` order) its planned modules, the share of ||dW||^2 it keeps per module,
+    its stored numbers and its data-free objective."""
+    tasks, found, energy = federated_curves(spectra, curves, modules, bases)
+    plans = candidate_plans(found, budget)
+    planned = {name: planned_modules(modules, plan, tasks) for name, plan in plans.items()}
+    specs = {f"{name}/{k}": v for name, p in planned.items() for k, v in storage.basis_specs(p, dtype).items()}
+    meta = {"kind": "candidates", "candidates": json.dumps(list(plans)), "dtype": str(dtype).removeprefix("torch.")}
+    writer = StreamingWriter(file, specs, meta | {f"{PLAN}/{name}": _plan_json(p) for name, p in planned.items()})
+    with open_safetensors(bases) as fb:
+        tensors = (t for p in planned.values() for t in _plan_tensors(p, fb, bases, dtype))
+        for key, tensor in zip(specs, tensors):
+            writer.write(key, tensor)
+    writer.close()
+    return {
+        name: {
+            "modules": [m.model_dump(mode="json") for m in planned[name]],
+            "energy": kept_energy(modules, plan, energy),
+            "numbers": sum(c.cost for c in plan),
+            "dw_objective": dw_objective(found, plan),
+        }
+        for name, plan in plans.items()
+    }
+
+
+def candidate_names(file: Path) -> list[str]:
+    """The candidates of a candidates file, in order."""
+    with open_safetensors(file) as f:
+        meta = f.metadata() or {}
+    try:
+        return json.loads(meta["candidates"])
+    except (KeyError, ValueError):
+        raise RMMError("no candidate list in the metadata: not a candidates file", file=file) from None
+
+
+def split_candidates(file: Path, out_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """Each candidate of a candidates file (or only `names`) as its own basis file `out_dir/<candidate>.safetensors`:
+    a method-auto basis whose plan is in its metadata, as `write_plan` writes it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found = {}
+    with open_safetensors(file) as f:
+        meta = f.metadata() or {}
+        dtype = getattr(torch, meta.get("dtype", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise RMMError(f"dtype {meta.get('dtype')!r} is not a torch dtype: not a candidates file", file=file)
+        for name in names or candidate_names(file):
+            if f"{PLAN}/{name}" not in meta:
+                raise RMMError(f"candidate {name!r} has no plan in the metadata", file=file)
+            plan = meta[f"{PLAN}/{name}"]
+            planned = [ModuleEntry.model_validate(m) for m in json.loads(plan)]
+            found[name] = out_dir / f"{safe_name(name)}.safetensors"
+            specs = storage.basis_specs(planned, dtype)
+            writer = StreamingWriter(found[name], specs, {"format": "pt", PLAN: plan})
+            for key in specs:
+                writer.write(key, read_tensor(f, file, f"{name}/{key}"))
+            writer.close()
+    return found
+
+
+def write_divergences(totals: dict[str, float], tasks: list[str], file: Path) -> None:
+    """A site's round-3 upload: per candidate, the divergence summed over its `tasks` (one float64 scalar each)."""
+    meta = {"kind": "divergences", "tasks": json.dumps(tasks)}
+    save_file({name: torch.tensor(float(x), dtype=torch.float64) for name, x in totals.items()}, file, meta)
+
+
+def read_divergences(file: Path) -> dict[str, float]:
+    with open_safetensors(file) as f:
+        return {name: read_tensor(f, file, name).item() for name in f.keys()}
+
+
+def check_divergences(file: Path, candidates: list[str], allowed: list[str]) -> list[str]:
+    """The tasks of a round-3 upload, once it holds exactly one finite number >= 0 per candidate and its tasks are
+    distinct tasks of `allowed`."""
+    tasks = _site_tasks(file, allowed)
+    with open_safetensors(file) as f:
+        keys = set(f.keys())
+        for name in sorted(keys - set(candidates)):
+            raise RMMError(f"{name!r} is not a candidate plan of this federation", file=file)
+        for name in candidates:
+            if name not in keys:
+                raise RMMError(f"missing {name}: give one number per candidate plan", file=file)
+            x = read_tensor(f, file, name)
+            if x.dim() != 0 or not x.is_floating_point():
+                raise RMMError(f"{name} must be one float, not {x.dtype} of shape {tuple(x.shape)}", file=file)
+            if not (torch.isfinite(x) and x >= 0):
+                raise RMMError(f"{name} must be finite and >= 0, got {x.item()}", file=file)
+    return tasks
 
 
 def payload_tasks(file: Path) -> list[str]:
-    """The task names a spectra, curves or bases file lists in its metadata, in row order."""
+    """The task names a spectra, curves, bases or divergences file lists in its metadata, in row order."""
     with open_safetensors(file) as f:
         meta = f.metadata() or {}
     try:
@@ -296,15 +430,21 @@ def payload_tasks(file: Path) -> list[str]:
         raise RMMError("no task list in the metadata: not a spectra, curves or bases file", file=file) from None
 
 
+def _site_tasks(file: Path, allowed: list[str]) -> list[str]:
+    """The tasks an upload lists, once they are distinct tasks of `allowed` (the site's manifest)."""
+    tasks = payload_tasks(file)
+    if not tasks or len(set(tasks)) != len(tasks) or any(t not in allowed for t in tasks):
+        raise RMMError(f"tasks {tasks} are not distinct tasks of the site's manifest", file=file)
+    return tasks
+
+
 def check_round_payload(
     file: Path, kind: str, modules: list[ModuleEntry], allowed: list[str], bases: Path | None = None
 ) -> list[str]:
     """The tasks of a spectra or curves payload, once every tensor has the shape and finite values
     `modules` (and, for curves, the `bases`) need and every task is one of `allowed`."""
-    tasks = payload_tasks(file)
+    tasks = _site_tasks(file, allowed)
     n = len(tasks)
-    if not tasks or len(set(tasks)) != n or any(t not in allowed for t in tasks):
-        raise RMMError(f"tasks {tasks} are not distinct tasks of the site's manifest", file=file)
     with ExitStack() as stack:
         f = stack.enter_context(open_safetensors(file))
         fb = stack.enter_context(open_safetensors(bases)) if bases else None

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -26,7 +27,9 @@ from rmm.adapter import open_adapter
 from rmm.bundle import MergeOptions
 from rmm.errors import RMMError
 from rmm.merge import merge, module_specs, numbers_original, plan_modules
-from rmm.payload import aggregate, write_curves, write_payload, write_spectra
+from rmm.io import open_safetensors
+from rmm.payload import aggregate, split_candidates, write_curves, write_divergences, write_payload, write_spectra
+from rmm.plan import PLAN
 
 CHUNK = 8 * 1024  # small chunks, so every part spans several
 SHARDS = {"a": ("moments", [0]), "b": ("sketch", [1, 2]), "c": ("factors", [3, 4])}  # uneven, every kind
@@ -613,6 +616,81 @@ def test_auto_fails_at_the_deadline_of_its_second_round(world, two_sites, tmp_pa
 
     final = asyncio.run(main())
     assert final.state == "FAILED" and "without the curves of 1 of 2 sites" in final.message, final.message
+
+
+def test_calibration_round_resumes_after_a_restart_and_refuses_bad_sums(world, two_sites, tmp_path):
+    """Method auto with calibrate: spectra -> curves -> CALIBRATE (every candidate plan's basis served) -> each site's
+    divergence per candidate, summed over its tasks -> DONE with the least total, across a coordinator restart between
+    the two sites' sums. Sums that are not one finite number >= 0 per candidate, exactly, are refused."""
+    fed = federation(world, sites="ab", merge=MergeOptions(storage_ratio=0.5), upload_kinds=None, calibrate=True)
+    config = coordinator_config(tmp_path / "state", fed)
+    manifests = {site: _manifest(m, calibration=True) for site, m in two_sites.manifests.items()}
+    tasks = {site: [a.name for a in shard] for site, shard in two_sites.shards.items()}
+
+    def sums(site: str, values: dict) -> Path:
+        file = tmp_path / f"sums-{site}-{len(list(tmp_path.glob('sums-*')))}.safetensors"
+        write_divergences(values, tasks[site], file)
+        return file
+
+    async def main():
+        async with serving(config) as (stub, _, _):
+            with pytest.raises(grpc.aio.AioRpcError, match="chooses its plan by calibration: run the site with --base"):
+                await stub.Join(
+                    pb.JoinRequest(federation_id="fed", site_id="a", manifest=two_sites.manifests["a"]),
+                    metadata=auth("a"),
+                    timeout=10,
+                )
+            for site in "ab":
+                await stub.Join(
+                    pb.JoinRequest(federation_id="fed", site_id=site, manifest=manifests[site]),
+                    metadata=auth(site),
+                    timeout=10,
+                )
+                await commit_file(stub, site, two_sites.spectra[site])
+            assert (await status(stub, "a", wait=30)).state == "CURVES"
+            for site in "ab":
+                await commit_file(stub, site, await curves_of(stub, world, two_sites, site, tmp_path))
+            calibrating = await status(stub, "a", wait=30)
+            (tmp_path / "candidates.safetensors").write_bytes(await download(stub, "a"))
+            bases = split_candidates(tmp_path / "candidates.safetensors", tmp_path / "split")
+            names = list(bases)
+            good = {name: 0.5 + 0.01 * i for i, name in enumerate(names)}
+            bad = [
+                ({**good, names[0]: float("nan")}, "finite"),
+                ({**good, names[-1]: -1e-3}, ">= 0"),
+                ({k: v for k, v in good.items() if k != names[-1]}, f"missing {names[-1]}"),
+                ({**good, "other": 0.0}, "not a candidate"),
+            ]
+            for values, why in bad:
+                with pytest.raises(grpc.aio.AioRpcError, match=why):
+                    await commit_file(stub, "a", sums("a", values))
+            await commit_file(stub, "a", sums("a", good))
+            waiting = await status(stub, "a", wait=0.5)
+        async with serving(config) as (stub, _, _):  # restarted between the two sites' sums
+            resumed = await status(stub, "b")
+            last = {name: 1.0 - 0.1 * i for i, name in enumerate(names)}  # the last candidate's total is the least
+            await commit_file(stub, "b", sums("b", last))
+            done = await status(stub, "b", wait=30)
+            basis = await download(stub, "b")
+            report = json.loads(
+                (await stub.Report(pb.ReportRequest(federation_id="fed", site_id="b"), metadata=auth("b"))).json
+            )
+        return calibrating, waiting, resumed, done, basis, bases, good, last, report
+
+    calibrating, waiting, resumed, done, basis, bases, good, last, report = asyncio.run(main())
+    assert len(bases) >= 2 and calibrating.state == waiting.state == resumed.state == "CALIBRATE", calibrating.message
+    assert "waiting for the divergences of 1 of 2 sites" in resumed.message and not resumed.uploaded
+    assert done.state == "DONE", done.message
+    names = list(bases)
+    assert basis == bases[names[-1]].read_bytes()  # the chosen candidate's basis, as the sites measured it
+    result = json.loads((tmp_path / "state" / "fed" / "result" / "result.json").read_text())
+    assert result["calibration"]["chosen"] == names[-1]
+    assert result["calibration"]["totals"] == pytest.approx({n: good[n] + last[n] for n in names}, rel=1e-12)
+    with open_safetensors(bases[names[-1]]) as f:
+        assert result["modules"] == json.loads(f.metadata()[PLAN])
+    assert report["calibration"] == {"chosen": names[-1], "candidates": names}
+    with pytest.raises(ValueError, match="calibrate chooses among method auto's plans"):
+        federation(world, merge=MergeOptions(basis_size=2), calibrate=True)
 
 
 def _manifest(base: pb.SiteManifest, **fields) -> pb.SiteManifest:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from rmm.cli import add_budget_args, console, merge_options
+from rmm.cli import add_budget_args, add_calibration_args, calibration_of, console, merge_options
 from rmm.errors import RMMError
 
 
@@ -53,6 +53,7 @@ def register(verbs) -> None:
         "(default 120)",
     )
     _add_upload_args(p)
+    add_calibration_args(p)
     p.add_argument("--canonicalize", action="store_true", help="canonicalise factors (must match the federation)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the site's report as JSON on stdout")
@@ -67,6 +68,7 @@ def register(verbs) -> None:
     _add_method_arg(p)
     add_budget_args(p)
     _add_upload_args(p)
+    add_calibration_args(p)
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=_simulate)
@@ -105,6 +107,7 @@ def _site_run(args) -> int:
     from workers.site import ensure_ray, run_site
 
     options = merge_options(args)  # first: as merge, --canonicalize implies rmm-paper and contradicts --method auto
+    calibration = calibration_of(args)
     token = os.environ.get("RMM_SITE_TOKEN") or (args.token_file.read_text().strip() if args.token_file else None)
     if not token:
         raise RMMError("no site token: pass --token-file FILE or set RMM_SITE_TOKEN")
@@ -130,6 +133,7 @@ def _site_run(args) -> int:
             actor_cpus=threads,
             retry=Retry(seconds=args.retry_seconds),
             publish_coefficients=args.publish_coefficients,
+            calibration=calibration,
             on_stage=_stage_printer(args.json),
         )
     _emit({"sites": [report]}, args.json)
@@ -151,6 +155,7 @@ def _simulate(args) -> int:
             sketch_rank=args.sketch_rank,
             force=args.force,
             publish_coefficients=args.publish_coefficients,
+            calibration=calibration_of(args),
             on_stage=_stage_printer(args.json),
         )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -22,6 +22,7 @@ from coordinator.config import CoordinatorConfig, FederationConfig, Site, TLSCon
 from coordinator.server import Coordinator
 from rmm.adapter import open_adapters
 from rmm.bundle import MergeOptions
+from rmm.calibrate import Calibration
 from rmm.errors import RMMError
 from rmm.io import check_output
 from rmm.plan import module_specs
@@ -79,13 +80,16 @@ def simulate(
     shards: list[list[str | Path]] | None = None,
     force: bool = False,
     publish_coefficients: bool = False,
+    calibration: Calibration | None = None,
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Run a federation of `sites` sites over `adapter_dirs` (or explicit `shards`); returns the report.
 
     Everything (certificates, coordinator state, each site's outputs) goes under `out`, which must be
     new or empty unless `force` replaces it. With `publish_coefficients` every site publishes its
-    tasks' coefficients, so `out/coordinator/<federation>/result/` is a bundle of all of them.
+    tasks' coefficients, so `out/coordinator/<federation>/result/` is a bundle of all of them. With `calibration`
+    the federation calibrates (method auto), every site measuring its own tasks on the same base and examples
+    directory, as `rmm merge --calibration` does centrally.
     """
     options = options or MergeOptions()
     if options.method == "auto" and upload not in ("auto", "spectra"):
@@ -108,6 +112,7 @@ def simulate(
         sites={n: Site(token_sha256=token_hash(t)) for n, t in tokens.items()},
         min_sites=len(names),
         upload_kinds=None if options.method == "auto" or upload == "auto" else [upload],
+        calibrate=calibration is not None,
     )
     config = CoordinatorConfig(
         port=0,
@@ -141,6 +146,7 @@ def simulate(
             actor_cpus=cpus / len(names),
             wait_timeout=600,
             publish_coefficients=publish_coefficients,
+            calibration=calibration,
             on_stage=on_stage,
         )
 

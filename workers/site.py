@@ -1,13 +1,14 @@
 """A site in a federation: Ray actors hold shards of its adapters; a driver steers them.
 
-Each actor (`SiteShard`) loads its shard in its constructor, so Ray can restart it
-(`max_restarts`) and it reloads itself. It writes its payload (moments, sketch or factors),
-uploads it in chunks, and, once the coordinator has the basis, downloads it, fits its own tasks'
-coefficients and writes its bundle and reverted PEFT adapters locally; only if the site opts in
-does it then publish its tasks' coefficients to the coordinator. The driver (`run_site`) joins
-the federation with the site's manifest, commits the actors' parts and waits. The manifest does
-not depend on how the tasks are sharded, and a site restarted after a commit only waits (and
-sends what the round still needs), so it may come back with other --actors or adapter order.
+Each actor (`SiteShard`) loads its shard in its constructor, so Ray can restart it (`max_restarts`) and it reloads
+itself. It writes its payload (moments, sketch or factors; method auto: spectra, then curves) and uploads it in chunks.
+In a calibrating federation each actor then measures every candidate plan on its own tasks' examples, and the driver
+sends only each candidate's divergence summed over the site's tasks. Once the coordinator has the basis, each actor
+downloads it, fits its own tasks' coefficients and writes its bundle and reverted PEFT adapters locally; only if the
+site opts in does it then publish its tasks' coefficients to the coordinator. The driver (`run_site`) joins the
+federation with the site's manifest, commits the actors' parts and waits. The manifest does not depend on how the
+tasks are sharded, and a site restarted after a commit only waits (and sends what the round still needs), so it may
+come back with other --actors or adapter order.
 One actor per GPU when there are GPUs, otherwise CPU slots; the code path is the same.
 """
 
@@ -26,10 +27,18 @@ from protos.rmm.v1.wire import Retry
 from rmm import __version__
 from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
+from rmm.calibrate import Calibration, read_examples, summed
 from rmm.errors import RMMError
-from rmm.merge import merge, revert
-from rmm.payload import smallest_exact_numbers, write_curves, write_payload, write_spectra
-from rmm.plan import module_specs, numbers_original
+from rmm.merge import candidate_divergences, merge, revert
+from rmm.payload import (
+    smallest_exact_numbers,
+    split_candidates,
+    write_curves,
+    write_divergences,
+    write_payload,
+    write_spectra,
+)
+from rmm.plan import module_specs, modules_of_basis, numbers_original
 from workers.client import Credentials, FederationClient
 
 
@@ -102,6 +111,17 @@ class SiteShard:
         part = self.client.upload(file, self.name)
         return part.SerializeToString(), self.client.traffic.bytes_sent - sent
 
+    def calibrate(self, calibration: Calibration) -> dict[str, float]:
+        """With calibrate, third round: download every candidate plan's basis and measure each on this shard's tasks'
+        examples; per candidate, the divergence summed over the shard's tasks (nothing per task leaves the actor)."""
+        candidates = self.client.download(self.work / "candidates.safetensors", state="CALIBRATE")
+        bases = split_candidates(candidates, self.work / "candidates")
+        names, specs = [a.name for a in self.adapters], module_specs(self.adapters)
+        plans = {name: modules_of_basis(file, specs, names, "auto") for name, file in bases.items()}
+        examples = read_examples(calibration, names)
+        per_task, _ = candidate_divergences(self.adapters, plans, calibration.base, examples, bases=bases)
+        return summed(per_task)
+
     def finish(self, options: MergeOptions, out_dir: str) -> dict:
         """Download the basis, fit this shard's coefficients, write its bundle and reverted adapters."""
         clock = time.perf_counter()
@@ -153,12 +173,15 @@ def run_site(
     wait_timeout: float = 3600.0,
     retry: Retry = Retry(),
     publish_coefficients: bool = False,
+    calibration: Calibration | None = None,
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors.
 
     `options`: the method and canonicalisation the site expects (the coordinator refuses them unless they are
     the federation's); the federation's config sets the budget.
+    `calibration`: the base model and this site's examples, which a federation with calibrate needs (and one
+    without refuses); they never leave the site.
     `retry`: how long every call keeps trying while the coordinator is unreachable (e.g. restarting).
     `actor_cpus`: the torch threads of each actor (actors reserve no CPU slot, so many sites can share a cluster).
     """
@@ -168,6 +191,8 @@ def run_site(
         )
     if upload == "factors" and not allow_factors:
         raise RMMError("the 'factors' upload sends raw adapters to the coordinator; pass --allow-factors to opt in")
+    if calibration is not None and options.method != "auto":
+        raise RMMError("calibration chooses among method auto's plans; run the site with method auto")
     out = Path(out)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = max(1, min(actors or gpus or 1, len(adapter_dirs)))
@@ -192,16 +217,26 @@ def run_site(
     seconds = {}
     clock = time.perf_counter()
     client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
-    results, curves_sent, published = [], 0, 0
+    results, later_sent, published = [], 0, 0  # later_sent: bytes of rounds 2 and 3
+
+    def wait(*states: str) -> pb.StatusResponse:
+        status = client.wait(wait_timeout, (*states, "FAILED"))
+        if status.state not in states:
+            raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
+        return status
+
     try:
         manifests = _get([h.manifest.remote() for h in handles])
+        if calibration is not None:  # every task has its examples, before the site joins
+            read_examples(calibration, [t for m in manifests for t in m["tasks"]])
         # The coordinator refuses a site whose canonicalisation differs from the federation's:
         # mixing canonical and raw factors would misalign positions across sites.
         if options.method == "auto":
             upload = "spectra"
         elif upload == "auto":
             upload, sketch_rank = _smallest_exact_upload(manifests)
-        config = client.join(_site_manifest(manifests, upload, sketch_rank, options.canonicalize))
+        manifest = _site_manifest(manifests, upload, sketch_rank, options.canonicalize, calibration is not None)
+        config = client.join(manifest)
         federation = MergeOptions(**config["merge"])
         if site_id not in client.status().committed_sites:  # else: restarted after its commit, it only waits
             on_stage(site_id, "upload")
@@ -213,20 +248,25 @@ def run_site(
         on_stage(site_id, "wait")
         clock = time.perf_counter()
         if federation.method == "auto":  # a second round: every site's error curves against the joint bases
-            status = client.wait(wait_timeout, ("CURVES", "DONE", "FAILED"))
-            if status.state not in ("CURVES", "DONE"):
-                raise RMMError(
-                    f"federation {federation_id} {status.state or 'did not open its second round'}: {status.message}"
-                )
-            if not status.uploaded:
+            status = wait("CURVES", "CALIBRATE", "DONE")
+            if status.state == "CURVES" and not status.uploaded:
                 on_stage(site_id, "curves")
                 curves = _get([h.upload_curves.remote(config["modules"]) for h in handles])
                 client.commit([pb.Part.FromString(part) for part, _ in curves])
-                curves_sent = sum(sent for _, sent in curves)
-        status = client.wait(wait_timeout)
+                later_sent = sum(sent for _, sent in curves)
+        if config.get("calibrate"):  # a third: each candidate plan's divergence, summed over the site's tasks
+            status = wait("CALIBRATE", "DONE")
+            if status.state == "CALIBRATE" and not status.uploaded:
+                on_stage(site_id, "calibrate")
+                sums = _get([h.calibrate.remote(calibration) for h in handles])
+                file = out / "work" / "divergences.safetensors"
+                file.parent.mkdir(parents=True, exist_ok=True)
+                write_divergences({name: sum(s[name] for s in sums) for name in sums[0]}, list(manifest.tasks), file)
+                sent = client.traffic.bytes_sent
+                client.commit([client.upload(file, "divergences")])
+                later_sent += client.traffic.bytes_sent - sent
+        status = wait("DONE")
         seconds["wait"] = time.perf_counter() - clock
-        if status.state != "DONE":
-            raise RMMError(f"federation {federation_id} {status.state or 'did not finish'}: {status.message}")
         on_stage(site_id, "revert")
         finished = _get([h.finish.remote(federation, str(out)) for h in handles])
         if publish_coefficients:
@@ -248,7 +288,7 @@ def run_site(
         "payload_bytes": sum(s["payload_bytes"] for s in stats),
         "payload_numbers": sum(s["payload_numbers"] for s in stats),
         "smallest_exact_numbers": sum(s["smallest_exact_numbers"] for s in stats),
-        "bytes_up": sum(s["bytes_sent"] for s in stats) + curves_sent,
+        "bytes_up": sum(s["bytes_sent"] for s in stats) + later_sent,
         "chunks_skipped": sum(s["chunks_skipped"] for s in stats),
         "bytes_down": sum(f["bytes_received"] for f in finished),
         "bytes_published": published,
@@ -329,7 +369,9 @@ def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
     return ("sketch", max(1, n - 1)) if sketch < moments else ("moments", 0)
 
 
-def _site_manifest(manifests: list[dict], upload: str, sketch_rank: int, canonicalize: bool) -> pb.SiteManifest:
+def _site_manifest(
+    manifests: list[dict], upload: str, sketch_rank: int, canonicalize: bool, calibration: bool = False
+) -> pb.SiteManifest:
     """The site's manifest from its actors': every shard must hold the same base model and modules.
 
     Tasks and modules are sorted: the manifest is the same however the tasks are sharded over actors.
@@ -354,5 +396,6 @@ def _site_manifest(manifests: list[dict], upload: str, sketch_rank: int, canonic
         sketch_rank=sketch_rank,
         lora_numbers=sum(m["lora_numbers"] for m in manifests),
         canonicalize=canonicalize,
+        calibration=calibration,
         tool_version=__version__,
     )

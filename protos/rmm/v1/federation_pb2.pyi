@@ -19,7 +19,7 @@ class Module(_message.Message):
     def __init__(self, name: _Optional[str] = ..., out_features: _Optional[int] = ..., in_features: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class SiteManifest(_message.Message):
-    __slots__ = ("base_model", "modules", "tasks", "upload_kind", "sketch_rank", "lora_numbers", "canonicalize", "tool_version")
+    __slots__ = ("base_model", "modules", "tasks", "upload_kind", "sketch_rank", "lora_numbers", "canonicalize", "tool_version", "calibration")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class SiteManifest(_message.Message):
     LORA_NUMBERS_FIELD_NUMBER: _ClassVar[int]
     CANONICALIZE_FIELD_NUMBER: _ClassVar[int]
     TOOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     modules: _containers.RepeatedCompositeFieldContainer[Module]
     tasks: _containers.RepeatedScalarFieldContainer[str]
@@ -36,7 +37,8 @@ class SiteManifest(_message.Message):
     lora_numbers: int
     canonicalize: bool
     tool_version: str
-    def __init__(self, base_model: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., upload_kind: _Optional[str] = ..., sketch_rank: _Optional[int] = ..., lora_numbers: _Optional[int] = ..., canonicalize: _Optional[bool] = ..., tool_version: _Optional[str] = ...) -> None: ...
+    calibration: bool
+    def __init__(self, base_model: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., tasks: _Optional[_Iterable[str]] = ..., upload_kind: _Optional[str] = ..., sketch_rank: _Optional[int] = ..., lora_numbers: _Optional[int] = ..., canonicalize: _Optional[bool] = ..., tool_version: _Optional[str] = ..., calibration: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("federation_id", "site_id", "manifest")

@@ -111,15 +111,16 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Federation state; with wait, blocks while nothing is asked of the site (OPEN, CLOSING, CURVES once its curves are in)
-        or until the timeout passes.
+        """Federation state; with wait, blocks while nothing is asked of the site (OPEN, CLOSING, CURVES once its curves are
+        in, CALIBRATE once its divergences are in) or until the timeout passes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadBasis(self, request, context):
-        """The aggregated basis, streamed as chunks in order.
+        """The aggregated basis, streamed as chunks in order (method auto: the bases while CURVES, every candidate plan's
+        basis while CALIBRATE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
