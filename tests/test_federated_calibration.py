@@ -19,6 +19,7 @@ from rmm.cli import main
 from rmm.errors import RMMError
 from rmm.io import open_safetensors
 from rmm.merge import revert
+from rmm.payload import read_divergences
 from rmm.plan import module_specs
 from test_federation import _assert_same_adapters
 from workers.client import Credentials
@@ -86,13 +87,17 @@ def test_federated_calibration_keeps_the_centralised_plan_and_only_sums_leave_a_
     assert got == [(m.method, m.ranks, m.size, m.p) for m in want.modules]
     for site in report["sites"]:
         _assert_same_adapters(Path(site["reverted"]), central / "reverted", site["tasks"])
-    # A site's round-3 upload: one number per candidate, summed over its tasks; nothing per task.
+        assert 0 < site["seconds"]["calibrate"] < site["seconds"]["wait"]
+    # A site's round-3 upload: one number per candidate, its tasks' divergences (as measured centrally) summed.
     for i, shard in enumerate(shards):
         (part,) = (state / "sites" / f"site{i}" / "calibration" / "parts").glob("*.safetensors")
         with open_safetensors(part) as f:
             assert sorted(f.keys()) == sorted(calibrated.candidates)
             assert all(f.get_slice(k).get_shape() == [] for k in f.keys())
             assert json.loads(f.metadata()["tasks"]) == sorted(p.name for p in shard)
+        for name, x in read_divergences(part).items():
+            want_sum = sum(calibrated.candidates[name].divergence[p.name] for p in shard)
+            assert x == pytest.approx(want_sum, rel=1e-9), (i, name)
     # Sites read the chosen plan, never the totals: with two sites, a site's own sums and the totals give the other's.
     assert report["coordinator"]["calibration"] == {"chosen": calibrated.chosen, "candidates": list(totals)}
 

@@ -258,7 +258,9 @@ def run_site(
             status = wait("CALIBRATE", "DONE")
             if status.state == "CALIBRATE" and not status.uploaded:
                 on_stage(site_id, "calibrate")
+                start = time.perf_counter()
                 sums = _get([h.calibrate.remote(calibration) for h in handles])
+                seconds["calibrate"] = time.perf_counter() - start
                 file = out / "work" / "divergences.safetensors"
                 file.parent.mkdir(parents=True, exist_ok=True)
                 write_divergences({name: sum(s[name] for s in sums) for name in sums[0]}, list(manifest.tasks), file)
