@@ -12,12 +12,16 @@ from rmm.errors import RMMError
 from rmm.payload import (
     aggregate,
     smallest_exact_numbers,
+    split_candidates,
     write_bases,
+    write_candidates,
     write_curves,
     write_payload,
     write_plan,
     write_spectra,
 )
+from rmm.allocate import DATA_FREE
+from rmm.plan import modules_of_basis
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,35 @@ def test_auto_in_two_rounds_plans_and_reverts_as_the_centralised_merge(request, 
             basis=tmp_path / "plan.safetensors",
             progress=False,
         )
+
+
+def test_every_candidate_plan_splits_into_the_basis_write_plan_writes_for_it(alike, tmp_path):
+    """The candidates file of a calibrating federation: each candidate split out is a method-auto basis of its own
+    plan, and the one the data-free allocator picks is, byte for byte, the basis write_plan writes."""
+    adapters = [open_adapter(p) for p in alike]
+    modules = module_specs(adapters)
+    shards = [adapters[:3], adapters[3:]]
+    spectra, curves = (
+        [tmp_path / f"s{i}.safetensors" for i in range(2)],
+        [tmp_path / f"c{i}.safetensors" for i in range(2)],
+    )
+    for shard, s in zip(shards, spectra):
+        write_spectra(shard, modules, s)
+    write_bases(spectra, modules, tmp_path / "bases.safetensors")
+    for shard, c in zip(shards, curves):
+        write_curves(shard, modules, tmp_path / "bases.safetensors", c)
+    inputs = (spectra, curves, modules, 0.3 * numbers_original(adapters), tmp_path / "bases.safetensors")
+    planned, kept = write_plan(*inputs, tmp_path / "plan.safetensors")
+    candidates = write_candidates(*inputs, tmp_path / "candidates.safetensors")
+    split = split_candidates(tmp_path / "candidates.safetensors", tmp_path / "split")
+    assert list(split) == list(candidates) and len(split) >= 3
+    free = min((n for n in DATA_FREE if n in candidates), key=lambda n: candidates[n]["dw_objective"])
+    assert split[free].read_bytes() == (tmp_path / "plan.safetensors").read_bytes()
+    assert candidates[free]["modules"] == [m.model_dump(mode="json") for m in planned]
+    assert candidates[free]["energy"] == kept
+    names = [a.name for a in adapters]
+    for name, file in split.items():
+        got = modules_of_basis(file, modules, names, "auto")
+        assert [m.model_dump(mode="json") for m in got] == candidates[name]["modules"], name
+    with pytest.raises(RMMError, match="not a candidates file"):
+        split_candidates(tmp_path / "plan.safetensors", tmp_path / "wrong")
