@@ -407,8 +407,9 @@ def check_divergences(file: Path, candidates: list[str], allowed: list[str]) -> 
     tasks = _site_tasks(file, allowed)
     with open_safetensors(file) as f:
         keys = set(f.keys())
-        for name in sorted(keys - set(candidates)):
-            raise RMMError(f"{name!r} is not a candidate plan of this federation", file=file)
+        other = sorted(keys - set(candidates))
+        if other:
+            raise RMMError(f"{other[0]!r} is not a candidate plan of this federation", file=file)
         for name in candidates:
             if name not in keys:
                 raise RMMError(f"missing {name}: give one number per candidate plan", file=file)
