@@ -165,11 +165,12 @@ class LoraAdapter:
     def fan_in_fan_out(self) -> bool:
         return bool(self.config.get("fan_in_fan_out", False))
 
-    def load_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of one module in float64 with sqrt(scaling) folded into each: dW = B @ A."""
+    def load_factors(self, module: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of one module in float64 on `device` (the CPU by default) with sqrt(scaling) folded into each:
+        dW = B @ A."""
         with open_safetensors(self.weights_file) as f:
-            B = read_tensor(f, self.weights_file, module + _B).to(torch.float64)
-            A = read_tensor(f, self.weights_file, module + _A).to(torch.float64)
+            B = read_tensor(f, self.weights_file, module + _B).to(device=device, dtype=torch.float64)
+            A = read_tensor(f, self.weights_file, module + _A).to(device=device, dtype=torch.float64)
         for factor, t in (("lora_B", B), ("lora_A", A)):
             if not torch.isfinite(t).all():
                 raise RMMError(f"{factor} contains NaN or Inf values", file=self.weights_file, module=module)
@@ -345,8 +346,8 @@ def write_adapter(
         if B.shape[1] != A.shape[0]:
             raise RMMError(f"lora_B has {B.shape[1]} columns but lora_A {A.shape[0]} rows", file=out_dir, module=prefix)
         pad = rank - B.shape[1]
-        tensors[prefix + _B] = torch.nn.functional.pad(B, (0, pad)).to(dtype).contiguous()
-        tensors[prefix + _A] = torch.nn.functional.pad(A, (0, 0, 0, pad)).to(dtype).contiguous()
+        tensors[prefix + _B] = torch.nn.functional.pad(B, (0, pad)).to("cpu", dtype).contiguous()
+        tensors[prefix + _A] = torch.nn.functional.pad(A, (0, 0, 0, pad)).to("cpu", dtype).contiguous()
     tensors.update({k: v.contiguous() for k, v in extras.items()})
     config = {**config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
     with atomic_dir(out_dir) as tmp:

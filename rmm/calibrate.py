@@ -122,17 +122,22 @@ def _tokenizer(base: Path, file: Path):
 
 
 def divergences(
-    adapters: list[LoraAdapter], candidates: dict[str, list[Factors]], base: Path, examples: Examples
+    adapters: list[LoraAdapter],
+    candidates: dict[str, list[Factors]],
+    base: Path,
+    examples: Examples,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per candidate and task: the mean KL(original || candidate) of the task's output distributions over its
-    examples. `candidates[name][t]` is task t's reverted factors under that plan. Also the seconds spent."""
+    examples, the models run on `device`. `candidates[name][t]` is task t's reverted factors under that plan.
+    Also the seconds spent."""
     clock = time.perf_counter()
     seconds = defaultdict(float)
     found: dict[str, dict[str, float]] = {name: {} for name in candidates}
     bases: dict[tuple, torch.nn.Module] = {}
     for t, a in enumerate(adapters):
         start = time.perf_counter()
-        model = _load(a, Path(base), bases)
+        model = _load(a, Path(base), bases).to(device)
         batches = _batches(examples.ids[a.name])
         seconds["load"] += time.perf_counter() - start
         start = time.perf_counter()

@@ -15,6 +15,7 @@ from rich.table import Table
 from rmm import __version__
 from rmm.adapter import module_name
 from rmm.bundle import MergeOptions
+from rmm.device import DEVICES
 from rmm.errors import RMMError
 from rmm.summary import inspect_bundle
 
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_budget_args(p)
     add_calibration_args(p)
+    add_device_arg(p)
     p.add_argument("--force", action="store_true", help="replace BUNDLE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(run=_merge)
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace DIR/<task> if it exists (nothing else in DIR is touched)"
     )
+    add_device_arg(p)
     p.set_defaults(run=_revert)
 
     p = verbs.add_parser("inspect", help="tasks, p, storage and reconstruction error of a bundle")
@@ -117,6 +120,16 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canonicalize", action="store_true", help="canonicalise each adapter's factors (SVD of B A) first")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where to compute: auto (default: a CUDA GPU when torch sees one, else the CPU), cpu or cuda; "
+        "float64 on both, the same result",
+    )
+
+
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
     """--base / --calibration / --calibration-examples: choose method auto's plan by the tasks' outputs."""
     p.add_argument(
@@ -164,6 +177,7 @@ def _merge(args) -> int:
         args.out,
         merge_options(args),
         calibration=calibration_of(args),
+        device=args.device,
         progress=not args.json,
         force=args.force,
     )
@@ -178,7 +192,7 @@ def _merge(args) -> int:
 def _revert(args) -> int:
     from rmm.merge import revert
 
-    written = revert(args.bundle, args.out, args.task, force=args.force)
+    written = revert(args.bundle, args.out, args.task, device=args.device, force=args.force)
     console.print(f"reverted {len(written)} task(s) into {args.out}: {', '.join(written)}", highlight=False)
     return 0
 

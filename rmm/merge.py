@@ -7,7 +7,6 @@ coefficients, smaller than the inputs at any useful storage ratio); `revert` hol
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,8 @@ from rmm.bundle import (
 from rmm.allocate import allocate, candidate_plans, curves, dw_objective
 from rmm.calibrate import Calibration, Examples, chosen, divergences, read_examples, summed
 from rmm.canonical import canonicalize
+from rmm.device import bound_heap, resolve, single_threaded
+from rmm.device import workers as device_workers
 from rmm.errors import RMMError
 from rmm.io import (
     StreamingWriter,
@@ -71,13 +72,15 @@ def merge(
     *,
     basis: str | Path | None = None,
     calibration: Calibration | None = None,
+    device: str | torch.device | None = "auto",
     progress: bool = True,
     force: bool = False,
 ) -> Manifest:
     """Build the RMM bundle of `adapter_dirs` in `out`. Nothing is written unless all succeeds.
 
     With `calibration` (method "auto"), the plan is the candidate that changes the tasks' outputs on their own
-    examples the least (`rmm.calibrate`), not the one with the least dW error.
+    examples the least (`rmm.calibrate`), not the one with the least dW error. `device`: where it computes
+    (`rmm.device.resolve`: "auto" is CUDA when present); the bundle is the same on every device.
 
     With `basis` (a basis file solved elsewhere, e.g. by a federation's coordinator from every
     site's moments) nothing is solved here: the adapters get their coefficients against that basis,
@@ -88,6 +91,7 @@ def merge(
     check_output(out, force, [*adapter_dirs, *([basis] if basis is not None else [])])
     if calibration is not None and (basis is not None or options.method != "auto"):
         raise RMMError("calibration chooses among method auto's plans: give no --basis and keep method auto")
+    device = resolve(device)
     clock = time.perf_counter()
     adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)
@@ -97,7 +101,7 @@ def merge(
         modules = modules_of_basis(basis, specs, [a.name for a in adapters], options.method)
     elif options.method == "auto":
         budget = options.storage_ratio * numbers_original(adapters)
-        modules, calibrated = allocate_modules(adapters, specs, budget, progress, calibration)
+        modules, calibrated = allocate_modules(adapters, specs, budget, progress, calibration, device)
     else:
         modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
     dtype = storage_dtype(adapters)
@@ -119,9 +123,10 @@ def merge(
             )
             for a in adapters
         }
-        solved = _in_order(
-            partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis), modules
+        solve = partial(
+            _solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis, device=device
         )
+        solved = _in_order(solve, modules, device)
         for mod, (shared, own, captured, err) in track(
             zip(modules, solved),
             total=len(modules),
@@ -183,7 +188,13 @@ def merge(
 
 
 def revert(
-    bundle: str | Path, out: str | Path, tasks: list[str] | None = None, *, progress: bool = True, force: bool = False
+    bundle: str | Path,
+    out: str | Path,
+    tasks: list[str] | None = None,
+    *,
+    device: str | torch.device | None = "auto",
+    progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Rebuild tasks' adapters (all by default) as PEFT directories `out/<task>/`.
 
@@ -191,7 +202,7 @@ def revert(
     Every file the tasks need is checked first (its sha256, tensors and finite values), so a
     damaged bundle reverts no task at all; each adapter is then written whole or not at all.
     """
-    bundle, out = Path(bundle), Path(out)
+    bundle, out, device = Path(bundle), Path(out), resolve(device)
     manifest = read_manifest(bundle)
     entries = [manifest.task(safe_name(n, file=bundle)) for n in dict.fromkeys(tasks)] if tasks else manifest.tasks
     for entry in entries:
@@ -213,10 +224,12 @@ def revert(
             coefs = read_all(coefficients_file(bundle, entry.name))
             factors = {}
             for mod in manifest.modules:
-                shared = {k: read_tensor(fb, basis_path, f"{mod.name}.{k}") for k in kind(mod).basis_specs(mod, dtype)}
-                factors[mod.name] = rebuild(
-                    mod, shared, {k: coefs[f"{mod.name}.{k}"] for k in kind(mod).coef_specs(mod, dtype, entry.name)}
-                )
+                shared = {
+                    k: read_tensor(fb, basis_path, f"{mod.name}.{k}").to(device)
+                    for k in kind(mod).basis_specs(mod, dtype)
+                }
+                own = {k: coefs[f"{mod.name}.{k}"].to(device) for k in kind(mod).coef_specs(mod, dtype, entry.name)}
+                factors[mod.name] = rebuild(mod, shared, own)
             extras = read_all(extras_file(bundle, entry.name)) if entry.extras else {}
             write_adapter(out / entry.name, entry.config, factors, extras, getattr(torch, entry.dtype))
             written[entry.name] = out / entry.name
@@ -246,7 +259,13 @@ def _checked_tensors(bundle: Path, manifest: Manifest, file: Path, specs: dict) 
 
 
 def _solve_module(
-    adapters: list[LoraAdapter], mod: ModuleEntry, *, canonical: bool, dtype: torch.dtype, basis: Path | None
+    adapters: list[LoraAdapter],
+    mod: ModuleEntry,
+    *,
+    canonical: bool,
+    dtype: torch.dtype,
+    basis: Path | None,
+    device: torch.device,
 ):
     """One module: (basis tensors, each task's tensors, energy kept, each task's dW error), as stored.
 
@@ -255,7 +274,7 @@ def _solve_module(
     basis came from a coordinator agree to the last bit for the same basis.
     """
     how = kind(mod)
-    raw = stack_factors(adapters, mod, canonical=False)
+    raw = stack_factors(adapters, mod, canonical=False, device=device)
     B, A = canonicalize(*raw) if canonical or how.canonical else raw
     given = None
     if basis is not None:
@@ -278,17 +297,19 @@ def allocate_modules(
     budget: float,
     progress: bool,
     calibration: Calibration | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> tuple[list[ModuleEntry], Calibrated | None]:
     """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers: the least dW
     error, or, with `calibration`, the candidate plan that costs the tasks' outputs the least."""
 
     def curves_of(mod: ModuleEntry) -> Curves:
-        return curves(*stack_factors(adapters, mod, canonical=False), [a.modules[mod.name].rank for a in adapters])
+        raw = stack_factors(adapters, mod, canonical=False, device=device)
+        return curves(*raw, [a.modules[mod.name].rank for a in adapters])
 
     examples = read_examples(calibration, [a.name for a in adapters]) if calibration else None
     found = list(
         track(
-            _in_order(curves_of, specs),
+            _in_order(curves_of, specs, device),
             total=len(specs),
             description="sizing modules",
             disable=not progress,
@@ -301,7 +322,7 @@ def allocate_modules(
     clock = time.perf_counter()
     plans = candidate_plans(found, budget)
     candidates = {name: planned_modules(specs, plan, names) for name, plan in plans.items()}
-    per_task, seconds = candidate_divergences(adapters, candidates, calibration.base, examples)
+    per_task, seconds = candidate_divergences(adapters, candidates, calibration.base, examples, device=device)
     total = summed(per_task)
     original = numbers_original(adapters)
     report = Calibrated(
@@ -328,42 +349,50 @@ def candidate_divergences(
     base: Path,
     examples: Examples,
     bases: dict[str, Path] | None = None,
+    device: str | torch.device | None = "auto",
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per candidate plan and task, the divergence of the reverted adapter's outputs from the original's
     (`rmm.calibrate.divergences`), and the seconds spent. With `bases` (each candidate's basis file, as a
     federation's coordinator sends them) nothing is solved here but each task's coefficients."""
-    dtype = storage_dtype(adapters)
+    dtype, device = storage_dtype(adapters), resolve(device)
     clock = time.perf_counter()
     reverted = {
-        name: reverted_factors(adapters, modules, dtype, bases[name] if bases else None)
+        name: reverted_factors(adapters, modules, dtype, bases[name] if bases else None, device)
         for name, modules in candidates.items()
     }
     solve = time.perf_counter() - clock
-    per_task, seconds = divergences(adapters, reverted, base, examples)
+    per_task, seconds = divergences(adapters, reverted, base, examples, device)
     return per_task, seconds | {"solve": solve}
 
 
 def reverted_factors(
-    adapters: list[LoraAdapter], modules: list[ModuleEntry], dtype: torch.dtype, basis: Path | None = None
+    adapters: list[LoraAdapter],
+    modules: list[ModuleEntry],
+    dtype: torch.dtype,
+    basis: Path | None = None,
+    device: str | torch.device | None = "auto",
 ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Each task's folded factors per module as `revert` would rebuild them from a bundle of `modules` stored in
     `dtype` (in the task's own dtype, as revert writes it), with nothing written."""
     found: list[dict] = [{} for _ in adapters]
-    solve = partial(_solve_module, adapters, canonical=False, dtype=dtype, basis=basis)
-    for mod, (shared, own, _, _) in zip(modules, _in_order(solve, modules)):
+    device = resolve(device)
+    solve = partial(_solve_module, adapters, canonical=False, dtype=dtype, basis=basis, device=device)
+    for mod, (shared, own, _, _) in zip(modules, _in_order(solve, modules, device)):
         for t, a in enumerate(adapters):
             B, A = rebuild(mod, shared, own[t])
             found[t][mod.name] = (B.to(a.dtype), A.to(a.dtype))
     return found
 
 
-def _in_order(solve_one, modules: list[ModuleEntry]):
-    """Solve modules on a few threads (LAPACK releases the GIL), yielding results in order.
+def _in_order(solve_one, modules: list[ModuleEntry], device: torch.device):
+    """Solve modules on a few threads (torch releases the GIL), yielding results in order.
 
-    At most `workers + 1` modules are in flight, so memory stays a few modules of all T adapters.
+    At most `workers + 1` modules are in flight, so memory stays a few modules of all T adapters. On the CPU each
+    thread computes on one intra-op thread, so the threads together use the cores and no more (`rmm.device`).
     """
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
+    workers = device_workers(device)
+    bound_heap()
+    with single_threaded(device), ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for mod in modules:
             pending.append(pool.submit(solve_one, mod))

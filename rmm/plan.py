@@ -49,15 +49,17 @@ def storage_dtype(adapters: list[LoraAdapter]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def stack_factors(adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All tasks' folded factors of one module, zero-padded to its largest rank: (T,out,r), (T,r,in)."""
-    Bs, As = [], []
-    for a in adapters:
-        B, A = a.load_factors(mod.name)
-        pad = mod.rank - B.shape[1]
-        Bs.append(torch.nn.functional.pad(B, (0, pad)))
-        As.append(torch.nn.functional.pad(A, (0, 0, 0, pad)))
-    B, A = torch.stack(Bs), torch.stack(As)
+def stack_factors(
+    adapters: list[LoraAdapter], mod: ModuleEntry, canonical: bool, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All tasks' folded factors of one module on `device`, zero-padded to its largest rank: (T,out,r), (T,r,in)."""
+    T, r = len(adapters), mod.rank
+    B = torch.zeros(T, mod.out_features, r, dtype=torch.float64, device=device)
+    A = torch.zeros(T, r, mod.in_features, dtype=torch.float64, device=device)
+    for t, a in enumerate(adapters):  # filled in place: one task's factors at a time besides the stack
+        Bt, At = a.load_factors(mod.name, device)
+        B[t, :, : Bt.shape[1]], A[t, : At.shape[0]] = Bt, At
+        del Bt, At
     return canonicalize(B, A) if canonical else (B, A)
 
 

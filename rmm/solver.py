@@ -137,7 +137,8 @@ def decode(kind: str, n: int, r: int, get) -> Moments:
     if kind == "moments":
         packed = get("s2")
         rows, cols = torch.triu_indices(r, r)
-        s2 = torch.zeros(packed.shape[0], r, r, dtype=torch.float64)
+        s2 = packed.new_zeros(packed.shape[0], r, r, dtype=torch.float64)
+        rows, cols = rows.to(packed.device), cols.to(packed.device)
         s2[:, rows, cols] = packed
         s2[:, cols, rows] = packed
         return Moments(n, get("s1"), s2)

@@ -81,9 +81,9 @@ def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
     energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)
     M = (U.mT @ B) @ (A @ V)  # (T, Ku, Kv); a smaller K keeps its top-left block
     ku, kv = U.shape[1], V.shape[1]
-    block = torch.zeros(B.shape[0], ku + 1, kv + 1, dtype=M.dtype)
+    block = M.new_zeros(B.shape[0], ku + 1, kv + 1)
     block[:, 1:, 1:] = (M * M).cumsum(-1).cumsum(-2)  # block[:, i, j]: energy of the top-left i x j block
-    ks = torch.arange(max(ku, kv) + 1)
+    ks = torch.arange(max(ku, kv) + 1, device=M.device)
     kept = block[:, ks.clamp(max=ku), ks.clamp(max=kv)]  # (T, K + 1)
     return (1 - kept / energy[:, None]).clamp_min(0)
 
@@ -118,7 +118,7 @@ class Joint(StorageKind):
             cols, rows = stacked_roots(B, A)
             U, V = joint_bases([cols], [rows], max(mod.size))
         else:
-            U, V = given["U"], given["V"]
+            U, V = given["U"].to(B.device), given["V"].to(B.device)
         shared = {"U": U[:, : mod.size[0]].to(dtype), "V": V[:, : mod.size[1]].to(dtype)}
         U, V = shared["U"].double(), shared["V"].double()
         M = (U.mT @ B) @ (A @ V)  # the best cores for the bases as stored

@@ -95,7 +95,7 @@ class Shared(StorageKind):
                 solution = solve(Moments.of(X), mod.p)
                 mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
             else:
-                mean, vectors = given[f"{factor}.mean"].to(dtype), given[f"{factor}.basis"].to(dtype)
+                mean, vectors = (given[f"{factor}.{k}"].to(X.device, dtype) for k in ("mean", "basis"))
             C = coefficients(mean.double(), vectors.double(), X)
             energy[factor] = energy_kept(X, mean.double(), reconstruct(mean.double(), vectors.double(), C))
             shared |= {f"{factor}.mean": mean, f"{factor}.basis": vectors}

@@ -25,7 +25,7 @@ def truncation_errors(S: torch.Tensor) -> torch.Tensor:
     """(T, r + 1): each task's relative squared dW error when it keeps its top k directions, k = 0..r."""
     energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)  # ||dW_t||^2
     tail = (S * S).flip(-1).cumsum(-1).flip(-1)  # tail[:, k] = energy beyond the top k
-    return torch.cat([tail, torch.zeros(S.shape[0], 1, dtype=S.dtype)], dim=1) / energy[:, None]
+    return torch.cat([tail, S.new_zeros(S.shape[0], 1)], dim=1) / energy[:, None]
 
 
 def plain_rank(rank: int, ratio: float) -> int:
