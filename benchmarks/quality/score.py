@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality.suites import SUITES, Suite, baseline, build_suite, evaluate
+from benchmarks.quality.suites import CALIBRATION_N, SUITES, Suite, baseline, build_suite, calibration_dir, evaluate
 from rmm import __version__
 from rmm.baselines import METHODS, SINGLE_DIR, run
+from rmm.bundle import read_manifest
 from rmm.errors import RMMError
 
 RATIOS = (0.1, 0.25, 0.375, 0.5)
-REVERSIBLE = ("auto", "truncate", "joint", "rmm-paper", "rmm-canonical", "share")
+CALIBRATED = "auto-calibrated"  # the default given the base and each adapter's calibration data (--calibration)
+REVERSIBLE = ("auto", CALIBRATED, "truncate", "joint", "rmm-paper", "rmm-canonical", "share")
 SINGLE = (
     "ta-factors",
     "ties-factors",
@@ -49,8 +51,11 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def candidates() -> list[tuple[str, dict]]:
     """Every (method, params) the table compares: reversible methods at each storage ratio."""
+    calibrated = {"calibration_examples": CALIBRATION_N}
     return (
-        [(m, {"storage_ratio": r}) for m in REVERSIBLE for r in RATIOS] + [(m, {}) for m in SINGLE] + [("peft-svd", {})]
+        [(m, {"storage_ratio": r} | (calibrated if m == CALIBRATED else {})) for m in REVERSIBLE for r in RATIOS]
+        + [(m, {}) for m in SINGLE]
+        + [("peft-svd", {})]
     )
 
 
@@ -65,10 +70,13 @@ def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
     dirs = list(suite.adapters.values())
     if method == "peft-svd":
         summary = _peft_svd(suite, out)
+    elif method == CALIBRATED:  # the data paths are the suite's, so they stay out of the cache key
+        data = {"base": str(suite.base_dir / "model"), "calibration": str(calibration_dir(suite))}
+        summary = run("auto", dirs, out, force=True, **params, **data)
     else:
         summary = run(method, dirs, out, force=True, **params)
     seconds = time.perf_counter() - clock
-    single = method == "peft-svd" or METHODS[method].kind == "single"
+    single = method == "peft-svd" or (method in METHODS and METHODS[method].kind == "single")
     # A single merged adapter has no head of each task: each task is scored with its own (encoder suites).
     acc = {
         a: evaluate(suite, out / SINGLE_DIR, suite.task_of[a], head=d)
@@ -85,6 +93,10 @@ def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
         "seconds": seconds,
         "score_seconds": time.perf_counter() - clock,
     }
+    if method == CALIBRATED:  # what calibration weighed and chose, for benchmarks/quality/calibration.py's tables
+        result["calibration"] = read_manifest(summary["bundle"]).report.calibration.model_dump(
+            include={"candidates", "chosen", "seconds"}
+        )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -162,7 +174,7 @@ def write(report: dict, command: str) -> Path:
 
 
 def _scores_dir(suite: Suite) -> Path:
-    return suite.adapters[next(iter(suite.adapters))].parent.parent / "scores"
+    return suite.root / "scores"
 
 
 def _peft_svd(suite: Suite, out: Path) -> dict:

@@ -144,9 +144,13 @@ def topic_subset(part: int, parts: int) -> tuple[str, ...]:
 def eval_windows(family: str | None, n: int) -> torch.Tensor:
     """`n` windows of CTX + 1 characters, evenly spaced over the held-out topics under `family`."""
     _, held_out = topic_split()
-    ids = corpus(family, tuple(held_out))
-    starts = torch.linspace(0, len(ids) - CTX - 2, n).long()
-    return torch.stack([ids[s : s + CTX + 1] for s in starts.tolist()])
+    return _spaced(corpus(family, tuple(held_out)), n, CTX + 1)
+
+
+def _spaced(ids: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """`n` windows of `length` ids, evenly spaced over `ids`."""
+    starts = torch.linspace(0, len(ids) - length - 1, n).long()
+    return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
 # --- specs ----------------------------------------------------------------------------------------
@@ -302,6 +306,11 @@ class Suite:
     def tasks(self) -> list[str]:
         """Evaluation tasks, in first-seen order."""
         return list(dict.fromkeys(self.task_of.values()))
+
+    @property
+    def root(self) -> Path:
+        """The suite's own cache folder (adapters, scores, calibration data)."""
+        return self.adapters[next(iter(self.adapters))].parent.parent
 
 
 def _root(cache_dir) -> Path:
@@ -480,6 +489,27 @@ def evaluate(suite: Suite, adapter_dir, task: str, head=None) -> float:
     if task not in TRANSFORMS:
         raise ValueError(f"unknown task {task!r}; choose from {FAMILIES}")
     return accuracy(load(suite, adapter_dir), task, suite.spec["eval_n"])
+
+
+CALIBRATION_N = 64  # examples per adapter for calibrated merges (`rmm merge --base --calibration`)
+
+
+def calibration_dir(suite: Suite) -> Path:
+    """`<suite root>/calibration/<adapter>.jsonl`, written once: CALIBRATION_N examples of each adapter's own training
+    data, never the evaluation set, one `{"input_ids": [...]}` a line. LM suites: windows of CTX characters evenly
+    spaced over the adapter's family text on its training topics; encoder suites: its training messages, unpadded
+    (`encoder.calibration_ids`). The base to pass with it is `suite.base_dir / "model"`."""
+    out = suite.root / "calibration"
+    if out.is_dir():
+        return out
+    with atomic_dir(out, keep_existing=True) as tmp:
+        for a, s in suite.spec["adapters"].items():
+            if suite.spec.get("kind") == "encoder":
+                rows = encoder.calibration_ids(s, CALIBRATION_N)
+            else:
+                rows = _spaced(corpus(s["family"], topic_subset(*s["topics"])), CALIBRATION_N, CTX).tolist()
+            (tmp / f"{a}.jsonl").write_text("".join(json.dumps({"input_ids": x}) + "\n" for x in rows))
+    return out
 
 
 def baseline(suite: Suite, adapter: str) -> float:
