@@ -41,3 +41,24 @@ def test_stored_numbers_are_the_tensors_the_bundle_holds(entry):
     held = sum(math.prod(shape) for _, shape in basis_specs([mod], torch.float32).values())
     held += sum(math.prod(shape) for t in TASKS for _, shape in coef_specs([mod], torch.float32, t).values())
     assert KINDS[mod.method].stored_numbers(mod, len(TASKS)) == held
+
+
+def test_joint_curve_measured_a_few_tasks_at_a_time_is_the_dense_one(monkeypatch):
+    """The joint curve forms the tasks' cores a chunk of tasks at a time (memory); chunks of 3 tasks of 7 give what
+    dense dW gives: task t's error at size K is 1 - ||U_K^T dW_t V_K||^2 / ||dW_t||^2."""
+    from rmm.canonical import canonicalize
+    from rmm.storage import joint
+
+    g = torch.Generator().manual_seed(0)
+    B, A = (
+        torch.randn(7, 12, 3, generator=g, dtype=torch.float64),
+        torch.randn(7, 3, 10, generator=g, dtype=torch.float64),
+    )
+    Bc, Ac = canonicalize(B, A)
+    U, V = joint.joint_bases(*([X] for X in joint.stacked_roots(Bc, Ac)), 8)
+    monkeypatch.setattr(joint, "CHUNK", 3 * U.shape[1] * V.shape[1])
+    got = joint.joint_errors(Bc, Ac, U, V)
+    dW = B @ A
+    for K in range(U.shape[1] + 1):
+        kept = (U[:, :K].mT @ dW @ V[:, :K]).square().sum((-2, -1)) / dW.square().sum((-2, -1))
+        assert torch.allclose(got[:, K], 1 - kept, atol=1e-12)

@@ -17,6 +17,7 @@ import torch
 from rmm.canonical import singular_values
 from rmm.storage.base import Choice, Curves, Factors, StorageKind
 
+CHUNK = 1 << 21  # numbers of the tasks' cores formed at once when measuring curves
 SIDES = ("U", "V")  # basis on the out side, on the in side
 ROOTS = ("W_out", "W_in")  # a site's Gram roots of each side, in its spectra
 
@@ -79,13 +80,16 @@ def joint_errors(B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Ten
     """(T, K + 1): each task's relative squared dW error when sharing the top K of U and V, K = 0..max."""
     S = singular_values(B)
     energy = (S * S).sum(-1).clamp_min(torch.finfo(S.dtype).tiny)
-    M = (U.mT @ B) @ (A @ V)  # (T, Ku, Kv); a smaller K keeps its top-left block
     ku, kv = U.shape[1], V.shape[1]
-    block = M.new_zeros(B.shape[0], ku + 1, kv + 1)
-    block[:, 1:, 1:] = (M * M).cumsum(-1).cumsum(-2)  # block[:, i, j]: energy of the top-left i x j block
-    ks = torch.arange(max(ku, kv) + 1, device=M.device)
-    kept = block[:, ks.clamp(max=ku), ks.clamp(max=kv)]  # (T, K + 1)
-    return (1 - kept / energy[:, None]).clamp_min(0)
+    ks = torch.arange(max(ku, kv) + 1, device=B.device)
+    kept = []
+    step = max(1, CHUNK // max(1, ku * kv))  # tasks at a time: T Ku Kv numbers at once would be 0.5 GiB at T = 1024
+    for lo in range(0, B.shape[0], step):
+        M = (U.mT @ B[lo : lo + step]) @ (A[lo : lo + step] @ V)  # (tasks, Ku, Kv); a smaller K keeps its top-left
+        block = M.new_zeros(M.shape[0], ku + 1, kv + 1)
+        block[:, 1:, 1:] = (M * M).cumsum(-1).cumsum(-2)  # block[:, i, j]: energy of the top-left i x j block
+        kept.append(block[:, ks.clamp(max=ku), ks.clamp(max=kv)])  # (tasks, K + 1)
+    return (1 - torch.cat(kept) / energy[:, None]).clamp_min(0)
 
 
 def _sides(mod) -> tuple[int, int]:
