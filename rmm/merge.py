@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from rich.progress import track
@@ -64,6 +65,11 @@ from rmm.plan import (
 )
 from rmm.storage import Curves, basis_specs, coef_specs, kind, rebuild
 
+# How a merge computes one function over its modules, yielding the results in module order: `_in_order` (threads
+# here) by default; a caller may spread them elsewhere (e.g. `workers.cluster.ClusterMap`, over a Ray cluster's
+# nodes). The function is a picklable `partial` of adapters opened here; where it runs, it reads their files.
+ModuleMap = Callable[[Callable[[ModuleEntry], Any], list[ModuleEntry], torch.device], Iterable[Any]]
+
 
 def merge(
     adapter_dirs: list[str | Path],
@@ -73,6 +79,7 @@ def merge(
     basis: str | Path | None = None,
     calibration: Calibration | None = None,
     device: str | torch.device | None = "auto",
+    map_modules: ModuleMap | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> Manifest:
@@ -80,7 +87,8 @@ def merge(
 
     With `calibration` (method "auto"), the plan is the candidate that changes the tasks' outputs on their own
     examples the least (`rmm.calibrate`), not the one with the least dW error. `device`: where it computes
-    (`rmm.device.resolve`: "auto" is CUDA when present); the bundle is the same on every device.
+    (`rmm.device.resolve`: "auto" is CUDA when present); the bundle is the same on every device. `map_modules`:
+    where each module's curves and solve are computed (`ModuleMap`; threads here by default).
 
     With `basis` (a basis file solved elsewhere, e.g. by a federation's coordinator from every
     site's moments) nothing is solved here: the adapters get their coefficients against that basis,
@@ -91,7 +99,7 @@ def merge(
     check_output(out, force, [*adapter_dirs, *([basis] if basis is not None else [])])
     if calibration is not None and (basis is not None or options.method != "auto"):
         raise RMMError("calibration chooses among method auto's plans: give no --basis and keep method auto")
-    device = resolve(device)
+    device, map_modules = resolve(device), map_modules or _in_order
     clock = time.perf_counter()
     adapters = open_adapters(adapter_dirs)
     specs = module_specs(adapters)
@@ -101,7 +109,7 @@ def merge(
         modules = modules_of_basis(basis, specs, [a.name for a in adapters], options.method)
     elif options.method == "auto":
         budget = options.storage_ratio * numbers_original(adapters)
-        modules, calibrated = allocate_modules(adapters, specs, budget, progress, calibration, device)
+        modules, calibrated = allocate_modules(adapters, specs, budget, progress, calibration, device, map_modules)
     else:
         modules = plan_modules(specs, len(adapters), numbers_original(adapters), options)
     dtype = storage_dtype(adapters)
@@ -126,7 +134,7 @@ def merge(
         solve = partial(
             _solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis, device=device
         )
-        solved = _in_order(solve, modules, device)
+        solved = map_modules(solve, modules, device)
         for mod, (shared, own, captured, err) in track(
             zip(modules, solved),
             total=len(modules),
@@ -298,18 +306,14 @@ def allocate_modules(
     progress: bool,
     calibration: Calibration | None = None,
     device: torch.device = torch.device("cpu"),
+    map_modules: ModuleMap | None = None,
 ) -> tuple[list[ModuleEntry], Calibrated | None]:
-    """Method "auto": every module's error curves (one pass), then the plan under `budget` numbers: the least dW
-    error, or, with `calibration`, the candidate plan that costs the tasks' outputs the least."""
-
-    def curves_of(mod: ModuleEntry) -> Curves:
-        raw = stack_factors(adapters, mod, canonical=False, device=device)
-        return curves(*raw, [a.modules[mod.name].rank for a in adapters])
-
+    """Method "auto": every module's error curves (one pass of `map_modules`), then the plan under `budget` numbers
+    (here): the least dW error, or, with `calibration`, the candidate plan that costs the tasks' outputs the least."""
     examples = read_examples(calibration, [a.name for a in adapters]) if calibration else None
     found = list(
         track(
-            _in_order(curves_of, specs, device),
+            (map_modules or _in_order)(partial(_module_curves, adapters, device=device), specs, device),
             total=len(specs),
             description="sizing modules",
             disable=not progress,
@@ -341,6 +345,11 @@ def allocate_modules(
         seconds=seconds | {"total": time.perf_counter() - clock},
     )
     return candidates[report.chosen], report
+
+
+def _module_curves(adapters: list[LoraAdapter], mod: ModuleEntry, *, device: torch.device) -> Curves:
+    raw = stack_factors(adapters, mod, canonical=False, device=device)
+    return curves(*raw, [a.modules[mod.name].rank for a in adapters])
 
 
 def candidate_divergences(

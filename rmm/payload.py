@@ -53,9 +53,10 @@ def write_payload(
     *,
     q: int | None = None,
     canonical: bool = False,
+    device: torch.device | None = None,
 ) -> StreamingWriter:
-    """Stream a site's payload for `adapters` to `file`, module by module. Returns the closed writer
-    (its `numbers` and `bytes` say how much was written)."""
+    """Stream a site's payload for `adapters` to `file`, module by module, computed on `device` (the CPU by default).
+    Returns the closed writer (its `numbers` and `bytes` say how much was written)."""
     if kind not in UPLOADS:
         raise RMMError(f"unknown upload kind {kind!r}; expected one of {UPLOADS}")
     n = len(adapters)
@@ -73,7 +74,7 @@ def write_payload(
                 }
     writer = StreamingWriter(file, specs, {"kind": kind, "n": str(n), "q": str(q or 0)})
     for m in modules:
-        B, A = stack_factors(adapters, m, canonical)
+        B, A = stack_factors(adapters, m, canonical, device)
         for f, X in zip(FACTORS, (B, A.mT)):
             for suffix, tensor in encode(X, kind, q):
                 writer.write(f"{m.name}.{f}.{suffix}", tensor.to(specs[f"{m.name}.{f}.{suffix}"][0]).contiguous())
@@ -142,8 +143,10 @@ def smallest_exact_numbers(positions: int, rank: int, n: int) -> int:
 # travel in each payload's metadata.
 
 
-def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file: Path) -> StreamingWriter:
-    """A site's round-1 upload of a method "auto" federation, streamed module by module."""
+def write_spectra(
+    adapters: list[LoraAdapter], modules: list[ModuleEntry], file: Path, device: torch.device | None = None
+) -> StreamingWriter:
+    """A site's round-1 upload of a method "auto" federation, streamed module by module, computed on `device`."""
     n = len(adapters)
     specs = {}
     for m in modules:
@@ -152,7 +155,7 @@ def write_spectra(adapters: list[LoraAdapter], modules: list[ModuleEntry], file:
         file, specs, {"kind": "spectra", "n": str(n), "tasks": json.dumps([a.name for a in adapters])}
     )
     for m in modules:
-        raw = stack_factors(adapters, m, canonical=False)
+        raw = stack_factors(adapters, m, canonical=False, device=device)
         canonical = canonicalize(*raw)
         writer.write(f"{m.name}.S", singular_values(canonical[0]))
         writer.write(f"{m.name}.ranks", torch.tensor([a.modules[m.name].rank for a in adapters], dtype=torch.int64))
@@ -193,8 +196,8 @@ def write_bases(spectra: list[Path], modules: list[ModuleEntry], file: Path) -> 
         writer.close()
 
 
-def _read_module(f, file: Path, module: str, suffix: str) -> torch.Tensor:
-    return read_tensor(f, file, f"{module}.{suffix}")
+def _read_module(f, file: Path, module: str, suffix: str, device: torch.device | None = None) -> torch.Tensor:
+    return read_tensor(f, file, f"{module}.{suffix}").to(device=device)
 
 
 def _shape_of(f, module: str, suffix: str) -> tuple[int, ...]:
@@ -207,8 +210,11 @@ def _curve_widths(f, m: ModuleEntry) -> dict[str, int]:
     return {name: w for name, k in storage.KINDS.items() if (w := k.curve_width(m, shapes)) is not None}
 
 
-def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases: Path, file: Path) -> StreamingWriter:
-    """A site's round-2 upload: each task's error curves against the federation's bases, per kind that needs them."""
+def write_curves(
+    adapters: list[LoraAdapter], modules: list[ModuleEntry], bases: Path, file: Path, device: torch.device | None = None
+) -> StreamingWriter:
+    """A site's round-2 upload: each task's error curves against the federation's bases, per kind that needs them,
+    computed on `device`."""
     n = len(adapters)
     with open_safetensors(bases) as f:
         specs = {}
@@ -218,12 +224,14 @@ def write_curves(adapters: list[LoraAdapter], modules: list[ModuleEntry], bases:
             file, specs, {"kind": "curves", "n": str(n), "tasks": json.dumps([a.name for a in adapters])}
         )
         for m in modules:
-            raw = stack_factors(adapters, m, canonical=False)
+            raw = stack_factors(adapters, m, canonical=False, device=device)
             canonical = canonicalize(*raw)
             for name in _curve_widths(f, m):
                 writer.write(
                     f"{m.name}.{name}",
-                    storage.KINDS[name].site_curve(m, raw, canonical, partial(_read_module, f, bases, m.name)),
+                    storage.KINDS[name].site_curve(
+                        m, raw, canonical, partial(_read_module, f, bases, m.name, device=device)
+                    ),
                 )
     writer.close()
     return writer

@@ -7,15 +7,35 @@ import contextlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from rich.table import Table
 
-from rmm.cli import add_budget_args, add_calibration_args, calibration_of, console, merge_options
+from rmm.cli import (
+    _print_summary,
+    add_budget_args,
+    add_calibration_args,
+    add_device_arg,
+    calibration_of,
+    console,
+    merge_options,
+)
 from rmm.errors import RMMError
+from rmm.summary import inspect_bundle
 
 
 def register(verbs) -> None:
+    p = verbs.choices["merge"]
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="spread the modules over the Ray cluster at ADDR (auto: the one started on this host), one actor per "
+        "node (per GPU with --device cuda): curves there, the allocation here, solves there; every node must read "
+        "the adapters at the same paths",
+    )
+    p.set_defaults(run=partial(_merge_on_cluster, p.get_default("run")))
+
     site = verbs.add_parser("site", help="take part in a federation as a site")
     site_verbs = site.add_subparsers(dest="site_verb", required=True, metavar="VERB")
     p = site_verbs.add_parser("run", help="join, upload sketches, wait for the basis, revert this site's tasks")
@@ -54,6 +74,7 @@ def register(verbs) -> None:
     )
     _add_upload_args(p)
     add_calibration_args(p)
+    add_device_arg(p)
     p.add_argument("--canonicalize", action="store_true", help="canonicalise factors (must match the federation)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the site's report as JSON on stdout")
@@ -69,6 +90,7 @@ def register(verbs) -> None:
     add_budget_args(p)
     _add_upload_args(p)
     add_calibration_args(p)
+    add_device_arg(p)
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=_simulate)
@@ -134,6 +156,7 @@ def _site_run(args) -> int:
             retry=Retry(seconds=args.retry_seconds),
             publish_coefficients=args.publish_coefficients,
             calibration=calibration,
+            device=args.device,
             on_stage=_stage_printer(args.json),
         )
     _emit({"sites": [report]}, args.json)
@@ -156,10 +179,42 @@ def _simulate(args) -> int:
             force=args.force,
             publish_coefficients=args.publish_coefficients,
             calibration=calibration_of(args),
+            device=args.device,
             on_stage=_stage_printer(args.json),
         )
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _emit(report, args.json)
+    return 0
+
+
+def _merge_on_cluster(local, args) -> int:
+    """`rmm merge`, with --ray-address over the cluster's nodes (`workers.cluster`); the summary then says where each
+    module was computed, per pass."""
+    if args.ray_address is None:
+        return local(args)
+    from rmm.merge import merge
+    from workers.cluster import ClusterMap
+    from workers.site import ensure_ray
+
+    options, calibration = merge_options(args), calibration_of(args)
+    with _only_json_on_stdout(args.json), ClusterMap() as spread:
+        ensure_ray(args.ray_address)
+        manifest = merge(
+            args.adapters,
+            args.out,
+            options,
+            calibration=calibration,
+            device=args.device,
+            map_modules=spread,
+            progress=not args.json,
+            force=args.force,
+        )
+    summary = inspect_bundle(args.out, manifest) | {"cluster": spread.record()}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+        console.print(f"modules computed on {summary['cluster']['nodes']} node(s) of the Ray cluster", highlight=False)
     return 0
 
 

@@ -81,6 +81,7 @@ def simulate(
     force: bool = False,
     publish_coefficients: bool = False,
     calibration: Calibration | None = None,
+    device: str = "auto",
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Run a federation of `sites` sites over `adapter_dirs` (or explicit `shards`); returns the report.
@@ -89,7 +90,7 @@ def simulate(
     new or empty unless `force` replaces it. With `publish_coefficients` every site publishes its
     tasks' coefficients, so `out/coordinator/<federation>/result/` is a bundle of all of them. With `calibration`
     the federation calibrates (method auto), every site measuring its own tasks on the same base and examples
-    directory, as `rmm merge --calibration` does centrally.
+    directory, as `rmm merge --calibration` does centrally. `device`: where the sites' actors compute (`run_site`).
     """
     options = options or MergeOptions()
     if options.method == "auto" and upload not in ("auto", "spectra"):
@@ -147,6 +148,7 @@ def simulate(
             wait_timeout=600,
             publish_coefficients=publish_coefficients,
             calibration=calibration,
+            device=device,
             on_stage=on_stage,
         )
 

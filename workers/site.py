@@ -9,7 +9,9 @@ site opts in does it then publish its tasks' coefficients to the coordinator. Th
 federation with the site's manifest, commits the actors' parts and waits. The manifest does not depend on how the
 tasks are sharded, and a site restarted after a commit only waits (and sends what the round still needs), so it may
 come back with other --actors or adapter order.
-One actor per GPU when there are GPUs, otherwise CPU slots; the code path is the same.
+Actors compute on the device the site asks for (`--device`; auto: CUDA when the cluster has GPUs), each holding
+a GPU only when that is CUDA; one actor per GPU then, otherwise one unless told. Ray spreads them over the cluster's
+nodes, and each reads its shard's files where it runs. The code path is the same.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rmm import __version__
 from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.calibrate import Calibration, read_examples, summed
+from rmm.device import DEVICES, resolve
 from rmm.errors import RMMError
 from rmm.merge import candidate_divergences, merge, revert
 from rmm.payload import (
@@ -56,16 +59,18 @@ class SiteShard:
         credentials: Credentials,
         retry: Retry = Retry(),
         threads: float = 1.0,
+        device: str = "cpu",
     ):
         torch.set_num_threads(
             max(1, int(threads))
         )  # the actor holds no CPU slot (see run_site): it must not take every core
-        self.name, self.work = name, Path(work_dir)
-        self.adapters = open_adapters(adapter_dirs)
+        self.name, self.work, self.device = name, Path(work_dir), resolve(device)
+        self.adapters = open_adapters(adapter_dirs)  # here, on the actor's node: the driver ships only the paths
         self.client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
 
     def manifest(self) -> dict:
         return {
+            "node": ray.get_runtime_context().get_node_id(),
             "base_model": self.adapters[0].base_model or "",
             "modules": [m.model_dump() for m in module_specs(self.adapters)],
             "tasks": [a.name for a in self.adapters],
@@ -80,9 +85,9 @@ class SiteShard:
         self.work.mkdir(parents=True, exist_ok=True)
         file = self.work / f"{self.name}.payload.safetensors"
         if kind == "spectra":
-            written = write_spectra(self.adapters, entries, file)
+            written = write_spectra(self.adapters, entries, file, device=self.device)
         else:
-            written = write_payload(self.adapters, entries, file, kind, q=q, canonical=canonical)
+            written = write_payload(self.adapters, entries, file, kind, q=q, canonical=canonical, device=self.device)
         sketch = time.perf_counter() - clock
         clock = time.perf_counter()
         part = self.client.upload(file, self.name)
@@ -106,7 +111,7 @@ class SiteShard:
         """Method auto, second round: download the bases, send this shard's curves; the part and bytes sent."""
         bases = self.client.download(self.work / "bases.safetensors", state="CURVES")
         file = self.work / f"{self.name}.curves.safetensors"
-        write_curves(self.adapters, [ModuleEntry(**m) for m in modules], bases, file)
+        write_curves(self.adapters, [ModuleEntry(**m) for m in modules], bases, file, device=self.device)
         sent = self.client.traffic.bytes_sent
         part = self.client.upload(file, self.name)
         return part.SerializeToString(), self.client.traffic.bytes_sent - sent
@@ -119,7 +124,9 @@ class SiteShard:
         names, specs = [a.name for a in self.adapters], module_specs(self.adapters)
         plans = {name: modules_of_basis(file, specs, names, "auto") for name, file in bases.items()}
         examples = read_examples(calibration, names)
-        per_task, _ = candidate_divergences(self.adapters, plans, calibration.base, examples, bases=bases)
+        per_task, _ = candidate_divergences(
+            self.adapters, plans, calibration.base, examples, bases=bases, device=self.device
+        )
         return summed(per_task)
 
     def finish(self, options: MergeOptions, out_dir: str) -> dict:
@@ -129,10 +136,10 @@ class SiteShard:
         download = time.perf_counter() - clock
         clock = time.perf_counter()
         bundle = Path(out_dir) / "bundles" / self.name
-        manifest = merge([a.path for a in self.adapters], bundle, options, basis=basis, progress=False, force=True)
-        revert(
-            bundle, Path(out_dir) / "reverted", progress=False, force=True
-        )  # a site run again replaces its own output
+        paths = [a.path for a in self.adapters]
+        manifest = merge(paths, bundle, options, basis=basis, device=self.device, progress=False, force=True)
+        # A site run again replaces its own output.
+        revert(bundle, Path(out_dir) / "reverted", device=self.device, progress=False, force=True)
         return {
             "download_seconds": download,
             "revert_seconds": time.perf_counter() - clock,
@@ -174,6 +181,7 @@ def run_site(
     retry: Retry = Retry(),
     publish_coefficients: bool = False,
     calibration: Calibration | None = None,
+    device: str = "auto",
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors.
@@ -184,6 +192,7 @@ def run_site(
     without refuses); they never leave the site.
     `retry`: how long every call keeps trying while the coordinator is unreachable (e.g. restarting).
     `actor_cpus`: the torch threads of each actor (actors reserve no CPU slot, so many sites can share a cluster).
+    `device`: where the actors compute, auto|cpu|cuda (auto: CUDA when the cluster has GPUs).
     """
     if options.method == "auto" and upload not in ("auto", "spectra"):
         raise RMMError(
@@ -195,11 +204,19 @@ def run_site(
         raise RMMError("calibration chooses among method auto's plans; run the site with method auto")
     out = Path(out)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    n = max(1, min(actors or gpus or 1, len(adapter_dirs)))
+    device = _actor_device(device, gpus)
+    n = max(1, min(actors or (gpus if device == "cuda" else 1), len(adapter_dirs)))
     shards = [[str(d) for d in adapter_dirs[i::n]] for i in range(n)]
     # No CPU slot: an actor spends most of its life waiting for the other sites, and one that held a
     # slot meanwhile would keep other sites' actors from starting (many sites on one cluster deadlock).
-    Actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0, max_restarts=2, max_task_retries=2)(SiteShard)
+    # SPREAD: on a cluster, each actor on another node while there are nodes (each then reads its shard there).
+    Actor = ray.remote(
+        num_gpus=1 if device == "cuda" else 0,
+        num_cpus=0,
+        max_restarts=2,
+        max_task_retries=2,
+        scheduling_strategy="SPREAD",
+    )(SiteShard)
     handles = [
         Actor.remote(
             f"{site_id}-{i}",
@@ -211,6 +228,7 @@ def run_site(
             credentials,
             retry,
             actor_cpus,
+            device,
         )
         for i, shard in enumerate(shards)
     ]
@@ -285,6 +303,8 @@ def run_site(
         "site": site_id,
         "tasks": [t for m in manifests for t in m["tasks"]],
         "actors": n,
+        "device": device,
+        "nodes": [m["node"] for m in manifests],  # each actor's Ray node id
         "upload": upload,
         "lora_bytes": sum(m["lora_bytes"] for m in manifests),
         "payload_bytes": sum(s["payload_bytes"] for s in stats),
@@ -304,6 +324,15 @@ def run_site(
         "errors": {t: e for f in finished for t, e in f["errors"].items()},
         "reverted": str(out / "reverted"),
     }
+
+
+def _actor_device(name: str, gpus: int) -> str:
+    """The device a site's actors compute on, "cpu" or "cuda", from --device and the cluster's GPU count."""
+    if name not in DEVICES:
+        raise RMMError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    if name == "cuda" and not gpus:
+        raise RMMError("--device cuda asked for, but the Ray cluster has no GPU; use --device cpu or auto")
+    return ("cuda" if gpus else "cpu") if name == "auto" else name
 
 
 def ensure_ray(address: str | None = None) -> bool:

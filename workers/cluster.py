@@ -1,0 +1,111 @@
+"""`rmm merge --ray-address`: one merge's modules spread over the nodes of a Ray cluster.
+
+`rmm.merge.merge` makes two passes over the modules through a `rmm.merge.ModuleMap`: each module's error curves
+(method auto), then, once it has allocated the budget itself, each module's solve; it writes the results in module
+order as they come back. `ClusterMap` is such a map over one actor per node (per GPU, on CUDA): map (curves on the
+actors), reduce (the allocation on the driver), map (solves on the actors), and the bundle is the local merge's.
+Actors read the adapters' files where they run, at the paths the driver opened: the files must be at the same
+paths on every node (a shared file system).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from rmm.device import bound_heap, workers
+from rmm.errors import RMMError
+from workers.site import _get
+
+
+class ModuleWorker:
+    """One node's share of a merge: runs the per-module function the driver sends, one module per thread."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        bound_heap()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one intra-op thread per module, as a local merge's threads: the same bits
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def threads(self) -> int:
+        """Modules this actor computes at once, as a local merge would on this node (`rmm.device.workers`)."""
+        return workers(self.device)
+
+    def run(self, fn, mod) -> tuple[str, object]:
+        return self.node, _on_cpu(fn(mod))
+
+
+class ClusterMap:
+    """A `rmm.merge.ModuleMap` over the cluster this process is connected to. `passes` records, per pass, the node
+    each module was computed on."""
+
+    def __init__(self):
+        self.actors: list = []
+        self.slots: list = []  # an actor once per module it computes at once: module i goes to slot i mod len
+        self.passes: list[dict[str, str]] = []
+
+    def __enter__(self) -> ClusterMap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def __call__(self, fn, modules, device: torch.device):
+        if not self.actors:
+            self._start(device)
+        fn = ray.put(fn)  # sent once, not with every module
+        placed: dict[str, str] = {}
+        self.passes.append(placed)
+        pending: deque = deque()
+        for i, mod in enumerate(modules):
+            pending.append((mod.name, self.slots[i % len(self.slots)].run.remote(fn, mod)))
+            if len(pending) > len(self.slots):  # a few modules per thread in flight: memory stays bounded
+                yield self._take(pending, placed)
+        while pending:
+            yield self._take(pending, placed)
+
+    def record(self) -> dict:
+        return {"nodes": len({node for placed in self.passes for node in placed.values()}), "passes": self.passes}
+
+    def _start(self, device: torch.device) -> None:
+        need = "GPU" if device.type == "cuda" else "CPU"
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(need, 0) >= 1]
+        if not nodes:
+            raise RMMError(f"the Ray cluster has no live node with a {need} to merge on (--device {device.type})")
+        cores = []
+        for node in nodes:
+            cpus = max(1, int(node["Resources"].get("CPU", 1)))
+            Worker = ray.remote(
+                num_cpus=0 if need == "GPU" else 1,
+                num_gpus=1 if need == "GPU" else 0,
+                max_concurrency=cpus,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+            )(ModuleWorker)
+            count = int(node["Resources"][need]) if need == "GPU" else 1  # one actor per GPU, else per node
+            self.actors += [Worker.remote(str(device)) for _ in range(count)]
+            cores += [cpus] * count
+        threads = [min(n, cpus) for n, cpus in zip(_get([a.threads.remote() for a in self.actors]), cores)]
+        # Interleaved, so that consecutive modules go to different actors.
+        self.slots = [a for k in range(max(threads)) for a, n in zip(self.actors, threads) if k < n]
+
+    @staticmethod
+    def _take(pending: deque, placed: dict[str, str]):
+        name, ref = pending.popleft()
+        placed[name], result = _get([ref])[0]
+        return result
+
+
+def _on_cpu(x):
+    """A module's results with every tensor on the CPU: the driver, which writes them, may have no GPU."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _on_cpu(v) for k, v in x.items()}
+    if type(x) in (list, tuple):
+        return type(x)(_on_cpu(v) for v in x)
+    return x
