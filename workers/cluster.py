@@ -14,11 +14,10 @@ from collections import deque
 
 import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rmm.device import bound_heap, workers
 from rmm.errors import RMMError
-from workers.site import _get
+from workers.site import _get, node_slots, on_slot
 
 
 class ModuleWorker:
@@ -73,23 +72,17 @@ class ClusterMap:
         return {"nodes": len({node for placed in self.passes for node in placed.values()}), "passes": self.passes}
 
     def _start(self, device: torch.device) -> None:
-        need = "GPU" if device.type == "cuda" else "CPU"
-        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(need, 0) >= 1]
-        if not nodes:
-            raise RMMError(f"the Ray cluster has no live node with a {need} to merge on (--device {device.type})")
-        cores = []
-        for node in nodes:
-            cpus = max(1, int(node["Resources"].get("CPU", 1)))
-            Worker = ray.remote(
-                num_cpus=0 if need == "GPU" else 1,
-                num_gpus=1 if need == "GPU" else 0,
-                max_concurrency=cpus,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-            )(ModuleWorker)
-            count = int(node["Resources"][need]) if need == "GPU" else 1  # one actor per GPU, else per node
-            self.actors += [Worker.remote(str(device)) for _ in range(count)]
-            cores += [cpus] * count
-        threads = [min(n, cpus) for n, cpus in zip(_get([a.threads.remote() for a in self.actors]), cores)]
+        gpu = device.type == "cuda"
+        slots = node_slots("GPU" if gpu else "CPU", each=gpu)  # one actor per GPU, else per node
+        if not slots:
+            raise RMMError(f"the Ray cluster has no live node with a {'GPU' if gpu else 'CPU'} to merge on")
+        cores = {n["NodeID"]: max(1, int(n["Resources"].get("CPU", 1))) for n in ray.nodes()}
+        Worker = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)(ModuleWorker)
+        self.actors = [
+            Worker.options(max_concurrency=cores[node], scheduling_strategy=on_slot(slots, i)).remote(str(device))
+            for i, node in enumerate(slots)
+        ]
+        threads = [min(n, cores[node]) for n, node in zip(_get([a.threads.remote() for a in self.actors]), slots)]
         # Interleaved, so that consecutive modules go to different actors.
         self.slots = [a for k in range(max(threads)) for a, n in zip(self.actors, threads) if k < n]
 

@@ -10,8 +10,8 @@ federation with the site's manifest, commits the actors' parts and waits. The ma
 tasks are sharded, and a site restarted after a commit only waits (and sends what the round still needs), so it may
 come back with other --actors or adapter order.
 Actors compute on the device the site asks for (`--device`; auto: CUDA when the cluster has GPUs), each holding
-a GPU only when that is CUDA; one actor per GPU then, otherwise one unless told. Ray spreads them over the cluster's
-nodes, and each reads its shard's files where it runs. The code path is the same.
+a GPU only when that is CUDA; one actor per GPU then, otherwise one unless told. On a cluster they are placed on its
+nodes in turn, and each reads its shard's files where it runs. The code path is the same.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from protos.rmm.v1 import federation_pb2 as pb
 from protos.rmm.v1.wire import Retry
@@ -209,16 +210,10 @@ def run_site(
     shards = [[str(d) for d in adapter_dirs[i::n]] for i in range(n)]
     # No CPU slot: an actor spends most of its life waiting for the other sites, and one that held a
     # slot meanwhile would keep other sites' actors from starting (many sites on one cluster deadlock).
-    # SPREAD: on a cluster, each actor on another node while there are nodes (each then reads its shard there).
-    Actor = ray.remote(
-        num_gpus=1 if device == "cuda" else 0,
-        num_cpus=0,
-        max_restarts=2,
-        max_task_retries=2,
-        scheduling_strategy="SPREAD",
-    )(SiteShard)
+    Actor = ray.remote(num_gpus=1 if device == "cuda" else 0, num_cpus=0, max_restarts=2, max_task_retries=2)(SiteShard)
+    slots = node_slots("GPU" if device == "cuda" else "CPU", each=device == "cuda")
     handles = [
-        Actor.remote(
+        Actor.options(scheduling_strategy=on_slot(slots, i)).remote(
             f"{site_id}-{i}",
             shard,
             str(out / "work" / f"{i}"),
@@ -324,6 +319,22 @@ def run_site(
         "errors": {t: e for f in finished for t, e in f["errors"].items()},
         "reverted": str(out / "reverted"),
     }
+
+
+def node_slots(resource: str, each: bool) -> list[str]:
+    """Ids of the live nodes that hold `resource`, interleaved: once per unit of it with `each` (an actor per GPU),
+    else once per node. Actor i placed on slot i mod len (`on_slot`) spreads actors over the nodes, which Ray's SPREAD
+    does not do reliably for actors that reserve nothing."""
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource, 0) >= 1]
+    counts = [int(n["Resources"][resource]) if each else 1 for n in nodes]
+    return [n["NodeID"] for k in range(max(counts, default=0)) for n, c in zip(nodes, counts) if k < c]
+
+
+def on_slot(slots: list[str], i: int):
+    """Actor i's scheduling strategy: its slot's node. Not soft: Ray placed soft-pinned actors that reserve nothing
+    by its own choice, often two on one node while others were free (a 3-node test cluster); an actor whose node is
+    lost therefore fails the run (rerun the site: it resumes) instead of moving."""
+    return NodeAffinitySchedulingStrategy(slots[i % len(slots)], soft=False) if slots else "DEFAULT"
 
 
 def _actor_device(name: str, gpus: int) -> str:
