@@ -20,6 +20,10 @@ def register(verbs) -> None:
         metavar="DIR",
         help="scratch space for candidates' outputs",
     )
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="score only these (the results file lists only them)")
+    p.add_argument(
+        "--ratios", nargs="+", type=float, metavar="R", help="score reversible methods only at these budgets"
+    )
     p.set_defaults(run=_quality)
     p = bench_verbs.add_parser(
         "calibration",
@@ -39,7 +43,7 @@ def _quality(args) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise RMMError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    run_suites(args.suites or list(SUITES), args.work)
+    run_suites(args.suites or list(SUITES), args.work, methods=args.methods, ratios=args.ratios)
     return 0
 
 

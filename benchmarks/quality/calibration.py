@@ -24,20 +24,11 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks.quality.score import CALIBRATED, RESULTS, REVERSIBLE, _at, _scores_dir, score
-from benchmarks.quality.suites import (
-    CALIBRATION_N,
-    SUITES,
-    Suite,
-    baseline,
-    build_suite,
-    calibration_dir,
-    evaluate,
-    load,
-)
+from benchmarks.quality.score import CALIBRATED, RESULTS, REVERSIBLE, _at, _scores_dir, retained_gain, score
+from benchmarks.quality.suites import CALIBRATION_N, SUITES, Suite, build_suite, calibration_dir, evaluate, load
 from rmm import __version__
 from rmm.adapter import open_adapters, write_adapter
-from rmm.allocate import DATA_FREE, candidate_plans, curves
+from rmm.allocate import DATA_FREE, candidate_plans, curves, dw_objective
 from rmm.merge import reverted_factors
 from rmm.plan import module_specs, numbers_original, planned_modules, stack_factors, storage_dtype
 
@@ -54,6 +45,7 @@ def measure(suite: Suite, budget: float, work: Path) -> dict:
         return json.loads(cache.read_text())
     calibrated = score(suite, CALIBRATED, {"storage_ratio": budget, "calibration_examples": CALIBRATION_N}, work)
     report = calibrated["calibration"]
+    default = score(suite, "auto", {"storage_ratio": budget}, work)
     adapters = open_adapters(list(suite.adapters.values()))
     names = [a.name for a in adapters]
     # The plans merge weighed (it keeps only the chosen one), rebuilt from the same curves.
@@ -66,25 +58,19 @@ def measure(suite: Suite, budget: float, work: Path) -> dict:
         raise RuntimeError(
             f"{suite.name} at {budget}: plans {list(plans)} are not the report's {list(report['candidates'])}"
         )
-    orig = {a: evaluate(suite, d, suite.task_of[a]) for a, d in suite.adapters.items()}
-    base = {a: baseline(suite, a) for a in suite.adapters}
+    data_free = min((n for n in plans if n in DATA_FREE), key=lambda n: dw_objective(found, plans[n]))  # as allocate
+    # The two plans kept by the scored rows are not scored again (their reverted adapters are the same numbers).
+    known = {report["chosen"]: calibrated["accuracy"], data_free: default["accuracy"]}
     rows = {}
     for name, plan in plans.items():
-        factors = reverted_factors(adapters, planned_modules(specs, plan, names), storage_dtype(adapters))
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            gains = []
-            for a, f in zip(adapters, factors):
-                write_adapter(Path(tmp) / a.name, a.config, f, a.load_extras(), a.dtype)
-                acc = evaluate(suite, Path(tmp) / a.name, suite.task_of[a.name])
-                gains.append((acc - base[a.name]) / (orig[a.name] - base[a.name]))
+        accuracy = known.get(name) or _accuracy(suite, adapters, planned_modules(specs, plan, names), work)
         c = report["candidates"][name]
         rows[name] = {
             "storage_ratio": c["storage_ratio"],
             "dw_objective": c["dw_objective"],
             "kl_total": c["total"],
-            "retained_gain": sum(gains) / len(gains),
+            "retained_gain": retained_gain(suite, accuracy),
         }
-    data_free = min((n for n in rows if n in DATA_FREE), key=lambda n: rows[n]["dw_objective"])  # as allocate picks
     result = {
         "budget": budget,
         "candidates": rows,
@@ -97,6 +83,15 @@ def measure(suite: Suite, budget: float, work: Path) -> dict:
     }
     cache.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _accuracy(suite: Suite, adapters: list, modules: list, work: Path) -> dict[str, float]:
+    """Each task's accuracy with its adapter reverted from a plan of `modules`, written to a temporary folder."""
+    factors = reverted_factors(adapters, modules, storage_dtype(adapters))
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        for a, f in zip(adapters, factors):
+            write_adapter(Path(tmp) / a.name, a.config, f, a.load_extras(), a.dtype)
+        return {a.name: evaluate(suite, Path(tmp) / a.name, suite.task_of[a.name]) for a in adapters}
 
 
 def _rho(rows, objective: str) -> float | None:

@@ -103,20 +103,36 @@ def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
     return result
 
 
-def table(suite: Suite, results: list[dict]) -> dict:
-    """Averages per candidate against the originals and the base."""
+def references(suite: Suite) -> tuple[dict[str, float], dict[str, float]]:
+    """Each adapter's own accuracy and its baseline's (what a gain is counted between), cached next to the suite."""
+    cache = _scores_dir(suite) / f"references-{__version__}.json"
+    if cache.is_file():
+        found = json.loads(cache.read_text())
+        return found["orig"], found["base"]
     orig = {a: evaluate(suite, d, suite.task_of[a]) for a, d in suite.adapters.items()}
     base = {a: baseline(suite, a) for a in suite.adapters}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"orig": orig, "base": base}, indent=2))
+    return orig, base
+
+
+def retained_gain(suite: Suite, accuracy: dict[str, float]) -> float:
+    """(candidate - base) / (original - base), averaged over the suite's adapters."""
+    orig, base = references(suite)
+    return sum((accuracy[a] - base[a]) / (orig[a] - base[a]) for a in suite.adapters) / len(suite.adapters)
+
+
+def table(suite: Suite, results: list[dict]) -> dict:
+    """Averages per candidate against the originals and the base."""
+    orig, base = references(suite)
     rows = []
     for r in results:
-        gain = [(r["accuracy"][a] - base[a]) / (orig[a] - base[a]) for a in suite.adapters]
-        norm = [r["accuracy"][a] / orig[a] for a in suite.adapters]
         rows.append(
             {
                 **{k: r[k] for k in ("method", "params", "kind", "storage_ratio")},
-                "retained_gain": sum(gain) / len(gain),
-                "min_normalized": min(norm),
-                "mean_accuracy": sum(r["accuracy"].values()) / len(gain),
+                "retained_gain": retained_gain(suite, r["accuracy"]),
+                "min_normalized": min(r["accuracy"][a] / orig[a] for a in suite.adapters),
+                "mean_accuracy": sum(r["accuracy"].values()) / len(suite.adapters),
             }
         )
     return {
@@ -199,14 +215,19 @@ def _peft_svd(suite: Suite, out: Path) -> dict:
     return {"storage_ratio": lora_numbers(merged) / original}
 
 
-def run_suites(names: list[str], work: Path, readme: Path | None = README) -> None:
-    """Build (or load) each suite, score every candidate, write its results; then the README summary."""
+def run_suites(
+    names: list[str], work: Path, readme: Path | None = README, methods: list[str] | None = None, ratios=None
+) -> None:
+    """Build (or load) each suite, score every candidate (or those of `methods` at `ratios`), write its results; then
+    the README summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     for name in names:
         suite = build_suite(name)
         results = []
         for m, p in candidates():
+            if (methods and m not in methods) or (ratios and p.get("storage_ratio", ratios[0]) not in ratios):
+                continue
             try:
                 results.append(score(suite, m, p, work))
             except RMMError as e:  # e.g. a storage ratio below what a method can reach: say so, go on
@@ -275,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="score every method on quality suites")
     parser.add_argument("suites", nargs="*", default=["few"], choices=SUITES)
     parser.add_argument("--work", type=Path, default=Path(".cache/quality/work"))
+    parser.add_argument("--methods", nargs="+", help="score only these methods (the results file lists only them)")
+    parser.add_argument("--ratios", nargs="+", type=float, help="score reversible methods only at these budgets")
     args = parser.parse_args(argv)
-    run_suites(args.suites, args.work)
+    run_suites(args.suites, args.work, methods=args.methods, ratios=args.ratios)
 
 
 if __name__ == "__main__":
