@@ -26,6 +26,7 @@ from rmm.errors import RMMError
 from rmm.merge import merge, revert
 from rmm.plan import module_specs
 from workers.client import Credentials
+from workers.cluster import ClusterMap
 from workers.simulate import BackgroundCoordinator, simulate
 from workers.site import run_site
 
@@ -92,16 +93,7 @@ def test_a_sites_actors_spread_over_the_nodes_and_the_federation_equals_the_cent
         coordinator.stop()
     assert report["actors"] == 3 and report["device"] == "cpu"
     assert len(set(report["nodes"])) == NODES, report["nodes"]  # an actor per node
-    merge(adapters, tmp_path / "central", progress=False)
-    revert(tmp_path / "central", tmp_path / "central-reverted", progress=False)
-    for a in adapters:
-        got, want = (
-            file_deltas(tmp_path / "a" / "reverted" / a.name),
-            file_deltas(tmp_path / "central-reverted" / a.name),
-        )
-        assert got.keys() == want.keys()
-        for m in want:
-            assert ((got[m] - want[m]).norm() / want[m].norm()).item() < 1e-5, (a.name, m)
+    _assert_reverts_as_the_cpu_merge(adapters, tmp_path / "a" / "reverted", tmp_path / "central")
 
 
 def test_merge_spread_over_the_cluster_is_the_local_merge_bit_for_bit(cluster, adapters, tmp_path):
@@ -123,19 +115,37 @@ def test_a_site_asked_for_cuda_on_a_cluster_without_gpus_says_so_before_joining(
     credentials = Credentials(token="t", insecure=True)
     with pytest.raises(RMMError, match="no GPU"):
         run_site("127.0.0.1:1", "f", "s", credentials, adapters[:1], tmp_path, device="cuda")
+    with pytest.raises(RMMError, match="GPU share must be in"):
+        run_site("127.0.0.1:1", "f", "s", credentials, adapters[:1], tmp_path, device="cpu", gpu_share=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sites_on_cuda_equal_the_central_merge(ray_cluster, adapters, tmp_path):
+    """Two sites on one GPU: each actor reserves half of it (a whole one each would wait for the other forever)."""
     report = simulate(adapters, 2, tmp_path / "fed", device="cuda")
-    merge(adapters, tmp_path / "central", device="cpu", progress=False)
-    revert(tmp_path / "central", tmp_path / "central-reverted", device="cpu", progress=False)
+    assert [s["device"] for s in report["sites"]] == ["cuda", "cuda"]
     for site in report["sites"]:
-        assert site["device"] == "cuda"
-        for name in site["tasks"]:
-            got, want = file_deltas(Path(site["reverted"]) / name), file_deltas(tmp_path / "central-reverted" / name)
-            for m in want:
-                assert ((got[m] - want[m]).norm() / want[m].norm()).item() < 1e-5, (name, m)
+        _assert_reverts_as_the_cpu_merge(adapters, Path(site["reverted"]), tmp_path / "central", site["tasks"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_merge_on_the_clusters_gpus_equals_the_cpu_merge(ray_cluster, adapters, tmp_path):
+    with ClusterMap() as spread:
+        merge(adapters, tmp_path / "gpu", device="cuda", map_modules=spread, progress=False)
+    assert {node for placed in spread.passes for node in placed.values()}  # computed by the actors
+    revert(tmp_path / "gpu", tmp_path / "gpu-reverted", device="cpu", progress=False)
+    _assert_reverts_as_the_cpu_merge(adapters, tmp_path / "gpu-reverted", tmp_path / "central")
+
+
+def _assert_reverts_as_the_cpu_merge(adapters, reverted: Path, work: Path, names=None) -> None:
+    """Every adapter of `names` (default all) in `reverted` has the dW that a local CPU merge and revert give it."""
+    merge(adapters, work / "bundle", device="cpu", progress=False, force=True)
+    revert(work / "bundle", work / "reverted", device="cpu", progress=False, force=True)
+    for name in names or [a.name for a in adapters]:
+        got, want = file_deltas(reverted / name), file_deltas(work / "reverted" / name)
+        assert got.keys() == want.keys()
+        for m in want:
+            assert ((got[m] - want[m]).norm() / want[m].norm()).item() < 1e-5, (name, m)
 
 
 def _serve() -> None:

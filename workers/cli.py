@@ -75,6 +75,13 @@ def register(verbs) -> None:
     _add_upload_args(p)
     add_calibration_args(p)
     add_device_arg(p)
+    p.add_argument(
+        "--gpu-share",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="share of a GPU each actor reserves on CUDA (default 1; 0.25: four sites' actors share one GPU)",
+    )
     p.add_argument("--canonicalize", action="store_true", help="canonicalise factors (must match the federation)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the site's report as JSON on stdout")
@@ -157,6 +164,7 @@ def _site_run(args) -> int:
             publish_coefficients=args.publish_coefficients,
             calibration=calibration,
             device=args.device,
+            gpu_share=args.gpu_share,
             on_stage=_stage_printer(args.json),
         )
     _emit({"sites": [report]}, args.json)

@@ -29,13 +29,20 @@ class ModuleWorker:
         if self.device.type == "cpu":
             torch.set_num_threads(1)  # one intra-op thread per module, as a local merge's threads: the same bits
         self.node = ray.get_runtime_context().get_node_id()
+        self.functions: dict = {}
 
     def threads(self) -> int:
         """Modules this actor computes at once, as a local merge would on this node (`rmm.device.workers`)."""
         return workers(self.device)
 
-    def run(self, fn, mod) -> tuple[str, object]:
-        return self.node, _on_cpu(fn(mod))
+    def run(self, fn: list, mod) -> tuple[str, object]:
+        """(this node's id, `fn`'s results for module `mod`). `fn` is [the pass's function put in the object store]:
+        in a list, Ray hands over the reference, so the function (every adapter's metadata) is unpickled here once per
+        pass, not once per module."""
+        ref = fn[0]
+        if ref not in self.functions:
+            self.functions[ref] = ray.get(ref)
+        return self.node, _on_cpu(self.functions[ref](mod))
 
 
 class ClusterMap:
@@ -57,7 +64,7 @@ class ClusterMap:
     def __call__(self, fn, modules, device: torch.device):
         if not self.actors:
             self._start(device)
-        fn = ray.put(fn)  # sent once, not with every module
+        fn = [ray.put(fn)]  # sent once, not with every module (`ModuleWorker.run`)
         placed: dict[str, str] = {}
         self.passes.append(placed)
         pending: deque = deque()

@@ -124,7 +124,7 @@ def simulate(
     ensure_ray()
     coordinator = BackgroundCoordinator(config)
     address = f"127.0.0.1:{coordinator.port}"
-    cpus = ray.cluster_resources().get("CPU", 1)
+    cpus, gpus = ray.cluster_resources().get("CPU", 1), ray.cluster_resources().get("GPU", 0)
 
     def credentials(name: str) -> Credentials:
         return Credentials(
@@ -149,6 +149,7 @@ def simulate(
             publish_coefficients=publish_coefficients,
             calibration=calibration,
             device=device,
+            gpu_share=min(1.0, gpus / len(names)) or 1.0,  # every site at once: they share the GPUs
             on_stage=on_stage,
         )
 

@@ -183,6 +183,7 @@ def run_site(
     publish_coefficients: bool = False,
     calibration: Calibration | None = None,
     device: str = "auto",
+    gpu_share: float = 1.0,
     on_stage=lambda site, stage: None,
 ) -> dict:
     """Take part in a federation with `adapter_dirs`; returns the site's traffic, times and errors.
@@ -193,7 +194,8 @@ def run_site(
     without refuses); they never leave the site.
     `retry`: how long every call keeps trying while the coordinator is unreachable (e.g. restarting).
     `actor_cpus`: the torch threads of each actor (actors reserve no CPU slot, so many sites can share a cluster).
-    `device`: where the actors compute, auto|cpu|cuda (auto: CUDA when the cluster has GPUs).
+    `device`: where the actors compute, auto|cpu|cuda (auto: CUDA when the cluster has GPUs); on CUDA each actor
+    reserves `gpu_share` of a GPU (below 1, sites' actors share GPUs: they spend most of their time waiting).
     """
     if options.method == "auto" and upload not in ("auto", "spectra"):
         raise RMMError(
@@ -206,11 +208,15 @@ def run_site(
     out = Path(out)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     device = _actor_device(device, gpus)
+    if not 0 < gpu_share <= 1:
+        raise RMMError(f"a GPU share must be in (0, 1], got {gpu_share}")
     n = max(1, min(actors or (gpus if device == "cuda" else 1), len(adapter_dirs)))
     shards = [[str(d) for d in adapter_dirs[i::n]] for i in range(n)]
     # No CPU slot: an actor spends most of its life waiting for the other sites, and one that held a
     # slot meanwhile would keep other sites' actors from starting (many sites on one cluster deadlock).
-    Actor = ray.remote(num_gpus=1 if device == "cuda" else 0, num_cpus=0, max_restarts=2, max_task_retries=2)(SiteShard)
+    Actor = ray.remote(num_gpus=gpu_share if device == "cuda" else 0, num_cpus=0, max_restarts=2, max_task_retries=2)(
+        SiteShard
+    )
     slots = node_slots("GPU" if device == "cuda" else "CPU", each=device == "cuda")
     handles = [
         Actor.options(scheduling_strategy=on_slot(slots, i)).remote(
