@@ -169,6 +169,27 @@ def test_calibration_data_is_each_adapters_training_text_and_the_calibrated_defa
     assert row["retained_gain"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_calibration_evidence_scores_every_candidate_plan(built, tmp_path):
+    """benchmarks/quality/calibration.py: every plan merge weighed, reverted and scored; plain truncation among them
+    keeps what `rmm baseline truncate` keeps; calibration's pick has the least KL, the data-free pick the least dW
+    objective; rho is of gain against -objective."""
+    from benchmarks.quality.calibration import _rho, measure
+    from benchmarks.quality.score import score, table
+    from rmm.allocate import DATA_FREE
+
+    _, suite = built
+    found = measure(suite, 0.5, tmp_path)
+    rows = found["candidates"]
+    assert len(rows) >= 3 and all(r["storage_ratio"] <= 0.5 + 1e-9 for r in rows.values())
+    (truncate,) = table(suite, [score(suite, "truncate", {"storage_ratio": 0.5}, tmp_path)])["rows"]
+    assert rows["truncate"]["retained_gain"] == pytest.approx(truncate["retained_gain"], abs=1e-3)
+    assert found["calibrated"] == min(rows, key=lambda n: rows[n]["kl_total"])
+    assert found["data_free"] == min((n for n in rows if n in DATA_FREE), key=lambda n: rows[n]["dw_objective"])
+    assert found["best"] == max(rows, key=lambda n: rows[n]["retained_gain"])
+    plans = [{"retained_gain": g, "dw_objective": o} for g, o in ((0.9, 1.0), (0.5, 2.0), (0.1, 3.0))]
+    assert _rho(plans, "dw_objective") == pytest.approx(1.0) and _rho(plans[:2], "dw_objective") is None
+
+
 # --- hetero and pt-svd, reduced the same way (sharing the base built above) -----------------------
 
 
