@@ -36,7 +36,9 @@ NODES = 3
 
 @pytest.fixture(scope="module")
 def cluster():
-    """(GCS address, environment for its drivers) of a 3-node cluster of one CPU each."""
+    """(GCS address, environment for its drivers) of a 3-node cluster of one CPU each; the last node also
+    advertises a GPU that torch here cannot see, so an actor that reserves a GPU though told --device cpu would
+    wait for it forever (or fail there)."""
     temp = tempfile.mkdtemp(prefix="rmmc", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": temp}
     server = subprocess.Popen(
@@ -155,7 +157,7 @@ def _serve() -> None:
     cluster = Cluster()
     for i in range(NODES):
         head = {"include_dashboard": False} if i == 0 else {}
-        cluster.add_node(num_cpus=1, object_store_memory=80 << 20, **head)
+        cluster.add_node(num_cpus=1, num_gpus=int(i == NODES - 1), object_store_memory=80 << 20, **head)
     print(cluster.address, flush=True)
     sys.stdin.read()
     cluster.shutdown()

@@ -397,13 +397,15 @@ def _first_line(e: Exception) -> str:
 
 def _get(refs: list) -> list:
     """ray.get, with an actor's RMMError (e.g. the coordinator's refusal) raised as itself: one line, no remote
-    traceback."""
+    traceback; so is an actor Ray cannot place (its node gone, or lacking what it reserves)."""
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, RMMError):
             raise e.cause from None
         raise
+    except ray.exceptions.ActorUnschedulableError as e:
+        raise RMMError(f"Ray cannot place an actor: {_first_line(e)}") from None
 
 
 def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
