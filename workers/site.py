@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import zlib
 from pathlib import Path
 
 import ray
@@ -218,8 +219,9 @@ def run_site(
         SiteShard
     )
     slots = node_slots("GPU" if device == "cuda" else "CPU", each=device == "cuda")
+    first = zlib.crc32(site_id.encode())  # many sites on one cluster: each starts on another node
     handles = [
-        Actor.options(scheduling_strategy=on_slot(slots, i)).remote(
+        Actor.options(scheduling_strategy=on_slot(slots, first + i)).remote(
             f"{site_id}-{i}",
             shard,
             str(out / "work" / f"{i}"),
