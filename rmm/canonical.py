@@ -19,11 +19,13 @@ def canonicalize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     Qa, Ra = torch.linalg.qr(A.mT)  # (..., in, k2), (..., k2, r)
     Uc, S, Vch = torch.linalg.svd(Rb @ Ra.mT)  # core (k1 x k2)
     k = S.shape[-1]
-    U, V = Qb @ Uc[..., :, :k], Qa @ Vch[..., :k, :].mT
+    U = Qb @ Uc[..., :, :k]
+    del Qb  # the (T, out, r) blocks are the memory of a large module: one at a time beyond the inputs
+    V = Qa @ Vch[..., :k, :].mT
+    del Qa
     pivot = torch.gather(U, -2, U.abs().argmax(dim=-2, keepdim=True))
-    sign = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
-    root = S.sqrt().unsqueeze(-2)
-    B_c, A_c = U * sign * root, (V * sign * root).mT
+    scale = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype) * S.sqrt().unsqueeze(-2)
+    B_c, A_c = U.mul_(scale), V.mul_(scale).mT
     if k < r:  # a side thinner than r: pad the missing (zero) singular directions
         B_c = torch.nn.functional.pad(B_c, (0, r - k))
         A_c = torch.nn.functional.pad(A_c, (0, 0, 0, r - k))
