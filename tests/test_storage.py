@@ -62,3 +62,28 @@ def test_joint_curve_measured_a_few_tasks_at_a_time_is_the_dense_one(monkeypatch
     for K in range(U.shape[1] + 1):
         kept = (U[:, :K].mT @ dW @ V[:, :K]).square().sum((-2, -1)) / dW.square().sum((-2, -1))
         assert torch.allclose(got[:, K], 1 - kept, atol=1e-12)
+
+
+def test_shared_curve_measured_a_few_tasks_at_a_time_is_the_dense_one(monkeypatch):
+    """The per-position curve rebuilds a chunk of tasks at a time (memory); chunks of 2 tasks of 5 give what dense
+    dW gives for each basis size p, every position keeping its mean and top p basis vectors."""
+    from rmm.solver import Moments, solve
+    from rmm.storage import shared
+
+    g = torch.Generator().manual_seed(1)
+    B, A = (
+        torch.randn(5, 9, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, 7, generator=g, dtype=torch.float64),
+    )
+    bases = shared.position_bases(B, A, [3] * 5)
+    monkeypatch.setattr(shared, "CHUNK", 2 * (9 + 7) * 3)
+    got = shared.shared_errors(B, A, bases)
+    for p in range(bases[0].p + 1):
+        fits = []
+        for X in (B, A.mT):
+            b = solve(Moments.of(X), p)
+            U = b.vectors[..., :p]  # (P, r, p)
+            fits.append(b.mean + torch.einsum("prk,tpk->tpr", U, torch.einsum("prk,tpr->tpk", U, X - b.mean)))
+        dW, fit = B @ A, fits[0] @ fits[1].mT
+        want = (dW - fit).square().sum((-2, -1)) / dW.square().sum((-2, -1))
+        assert torch.allclose(got[:, p], want, atol=1e-10)

@@ -30,18 +30,24 @@ from rmm.solver import (
 )
 from rmm.storage.base import FACTORS, Choice, Curves, StorageKind
 
+CHUNK = 1 << 22  # numbers of the tasks' rebuilt factors formed at once when measuring curves
+
 
 def shared_errors(B: torch.Tensor, A: torch.Tensor, bases: tuple[Basis, Basis]) -> torch.Tensor:
     """(T, p + 1): each task's relative squared dW error when every position of its raw factors
     (T, out, r), (T, r, in) keeps the mean and the top p of the per-position bases (of B's rows,
     A's columns), p = 0..the bases' size."""
-    X = (B, A.mT)
-    C = [coefficients(b.mean, b.vectors, x) for b, x in zip(bases, X)]
-    errors = []
-    for p in range(bases[0].p + 1):
-        B_hat, A_hat = (reconstruct(b.mean, b.vectors[..., :p], c[..., :p]) for b, c in zip(bases, C))
-        errors.append(relative_error(B, A, B_hat, A_hat.mT) ** 2)
-    return torch.stack(errors, dim=1)
+    step = max(1, CHUNK // ((B.shape[1] + A.shape[2]) * B.shape[2]))  # tasks at a time: each p rebuilds them
+    found = []
+    for lo in range(0, B.shape[0], step):
+        Bs, As = B[lo : lo + step], A[lo : lo + step]
+        C = [coefficients(b.mean, b.vectors, x) for b, x in zip(bases, (Bs, As.mT))]
+        errors = []
+        for p in range(bases[0].p + 1):
+            B_hat, A_hat = (reconstruct(b.mean, b.vectors[..., :p], c[..., :p]) for b, c in zip(bases, C))
+            errors.append(relative_error(Bs, As, B_hat, A_hat.mT) ** 2)
+        found.append(torch.stack(errors, dim=1))
+    return torch.cat(found)
 
 
 def shared_cap(rank: int, ranks: list[int]) -> int:
