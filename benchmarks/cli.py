@@ -20,7 +20,7 @@ def register(verbs) -> None:
         metavar="DIR",
         help="scratch space for candidates' outputs",
     )
-    p.add_argument("--methods", nargs="+", metavar="METHOD", help="score only these (the results file lists only them)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="score only these (others are listed if cached)")
     p.add_argument(
         "--ratios", nargs="+", type=float, metavar="R", help="score reversible methods only at these budgets"
     )

@@ -59,12 +59,14 @@ def candidates() -> list[tuple[str, dict]]:
     )
 
 
-def score(suite: Suite, method: str, params: dict, work: Path) -> dict:
-    """One candidate's per-adapter accuracy and storage (cached next to the suite)."""
+def score(suite: Suite, method: str, params: dict, work: Path, compute: bool = True) -> dict | None:
+    """One candidate's per-adapter accuracy and storage (cached next to the suite; None if not and not `compute`)."""
     key = hashlib.sha256(json.dumps([method, params, __version__], sort_keys=True).encode()).hexdigest()[:12]
     cache = _scores_dir(suite) / f"{method}-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    if not compute:
+        return None
     out = work / suite.name / f"{method}-{key}"
     clock = time.perf_counter()
     dirs = list(suite.adapters.values())
@@ -218,20 +220,21 @@ def _peft_svd(suite: Suite, out: Path) -> dict:
 def run_suites(
     names: list[str], work: Path, readme: Path | None = README, methods: list[str] | None = None, ratios=None
 ) -> None:
-    """Build (or load) each suite, score every candidate (or those of `methods` at `ratios`), write its results; then
-    the README summary."""
+    """Build (or load) each suite, score every candidate (only those of `methods` at `ratios`, if given: the others are
+    reported if cached), write its results; then the README summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     for name in names:
         suite = build_suite(name)
         results = []
         for m, p in candidates():
-            if (methods and m not in methods) or (ratios and p.get("storage_ratio", ratios[0]) not in ratios):
-                continue
+            wanted = (not methods or m in methods) and (not ratios or p.get("storage_ratio", ratios[0]) in ratios)
             try:
-                results.append(score(suite, m, p, work))
+                found = score(suite, m, p, work, compute=wanted)
             except RMMError as e:  # e.g. a storage ratio below what a method can reach: say so, go on
                 print(f"{name}: {m} {p}: skipped: {e}")
+            else:
+                results += [found] if found else []
         stem = write(table(suite, results), f"rmm bench quality {name}")
         print(stem.with_suffix(".md").read_text())
     if readme is not None and readme.is_file():
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="score every method on quality suites")
     parser.add_argument("suites", nargs="*", default=["few"], choices=SUITES)
     parser.add_argument("--work", type=Path, default=Path(".cache/quality/work"))
-    parser.add_argument("--methods", nargs="+", help="score only these methods (the results file lists only them)")
+    parser.add_argument("--methods", nargs="+", help="score only these methods (others are listed if cached)")
     parser.add_argument("--ratios", nargs="+", type=float, help="score reversible methods only at these budgets")
     args = parser.parse_args(argv)
     run_suites(args.suites, args.work, methods=args.methods, ratios=args.ratios)
