@@ -32,6 +32,7 @@ def register(verbs) -> None:
     )
     p.add_argument("suites", nargs="*", metavar="SUITE", help="quality suites (default: few)")
     p.add_argument("--work", type=Path, default=Path(".cache/quality/work"), metavar="DIR", help="scratch space")
+    p.add_argument("--budgets", nargs="+", type=float, metavar="R", help="storage budgets (default: 0.1 0.25 0.5)")
     p.set_defaults(run=_calibration)
 
 
@@ -48,12 +49,12 @@ def _quality(args) -> int:
 
 
 def _calibration(args) -> int:
-    from benchmarks.quality.calibration import run_calibration
+    from benchmarks.quality.calibration import BUDGETS, run_calibration
     from benchmarks.quality.suites import SUITES
     from rmm.errors import RMMError
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         raise RMMError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
-    run_calibration(args.suites or ["few"], args.work)
+    run_calibration(args.suites or ["few"], args.work, args.budgets or BUDGETS)
     return 0

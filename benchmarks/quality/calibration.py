@@ -122,9 +122,9 @@ def forward_seconds(suite: Suite) -> float:
     return sum(times) / len(times)
 
 
-def evidence(name: str, work: Path) -> dict:
+def evidence(name: str, work: Path, budgets=BUDGETS) -> dict:
     suite = build_suite(name)
-    budgets = [measure(suite, b, work) for b in BUDGETS]
+    budgets = [measure(suite, b, work) for b in budgets]
     pooled = [r for b in budgets for r in b["candidates"].values()]
     return {
         "suite": name,
@@ -272,16 +272,16 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:+.2f}"
 
 
-def run_calibration(names: list[str], work: Path) -> None:
-    """Measure each suite (cached per suite and budget) and rewrite benchmarks/results/calibration.{json,md} with
-    every suite measured so far (the JSON's earlier suites are kept)."""
+def run_calibration(names: list[str], work: Path, budgets=BUDGETS) -> None:
+    """Measure each suite at `budgets` (cached per suite and budget) and rewrite the results file
+    benchmarks/results/calibration.{json,md} with every suite measured so far (the JSON's earlier suites are kept)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
     file = RESULTS / "calibration.json"
     earlier = {r["suite"]: r for r in json.loads(file.read_text())["suites"]} if file.is_file() else {}
     for name in names:
-        earlier[name] = evidence(name, work)
+        earlier[name] = evidence(name, work, budgets)
     reports = [earlier[s] for s in SUITES if s in earlier]
     stem = write(reports, target_violations(), "rmm bench calibration " + " ".join(r["suite"] for r in reports))
     print(stem.with_suffix(".md").read_text())
@@ -291,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="every candidate plan's measured gain against its objectives")
     parser.add_argument("suites", nargs="*", default=["few"], choices=SUITES)
     parser.add_argument("--work", type=Path, default=Path(".cache/quality/work"))
+    parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     args = parser.parse_args(argv)
-    run_calibration(args.suites, args.work)
+    run_calibration(args.suites, args.work, args.budgets)
 
 
 if __name__ == "__main__":
