@@ -4,6 +4,7 @@
 Cases (synthetic PEFT LoRA directories, written once to a cache; shared structure plus per-task noise):
 
 - `small-T16`, `small-T128`, `small-T1024`: 4 layers x q,v of 256 x 256, r = 8, float32: many tasks, small modules.
+- `1gib`: 32 layers x q,k,v,o of 4096 x 4096, r = 16, T = 16, float32 (the issue's 1 GiB benchmark).
 - `7b`: 32 layers x q,k,v,o,gate,up,down at Llama-3-8B's shapes (q, o 4096 x 4096; k, v 1024 x 4096; gate, up
   14336 x 4096; down 4096 x 14336), r = 16, T = 64, bf16: about 5 GiB (`--layers` cuts it down).
 
@@ -51,6 +52,7 @@ LLAMA3_8B = {  # module -> (out, in)
     "mlp.down_proj": (4096, 14336),
 }
 SMALL = {"self_attn.q_proj": (256, 256), "self_attn.v_proj": (256, 256)}
+ATTENTION = {f"self_attn.{m}_proj": (4096, 4096) for m in "qkvo"}  # merge_speed.py's 1 GiB shape
 
 
 def cases(names: list[str], layers: int) -> list[dict]:
@@ -58,6 +60,8 @@ def cases(names: list[str], layers: int) -> list[dict]:
     for name in names:
         if name.startswith("small-T"):
             found.append(dict(name=name, shapes=SMALL, layers=4, tasks=int(name[7:]), rank=8, dtype="float32"))
+        elif name == "1gib":
+            found.append(dict(name=name, shapes=ATTENTION, layers=32, tasks=16, rank=16, dtype="float32"))
         elif name == "7b":
             found.append(
                 dict(name=f"7b-L{layers}", shapes=LLAMA3_8B, layers=layers, tasks=64, rank=16, dtype="bfloat16")
