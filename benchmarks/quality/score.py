@@ -68,6 +68,7 @@ def score(suite: Suite, method: str, params: dict, work: Path, compute: bool = T
     if not compute:
         return None
     out = work / suite.name / f"{method}-{key}"
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted run left
     clock = time.perf_counter()
     dirs = list(suite.adapters.values())
     if method == "peft-svd":
