@@ -366,12 +366,7 @@ def write_candidates(
 
 def candidate_names(file: Path) -> list[str]:
     """The candidates of a candidates file, in order."""
-    with open_safetensors(file) as f:
-        meta = f.metadata() or {}
-    try:
-        return json.loads(meta["candidates"])
-    except (KeyError, ValueError):
-        raise RMMError("no candidate list in the metadata: not a candidates file", file=file) from None
+    return _listed(file, "candidates", "no candidate list in the metadata: not a candidates file")
 
 
 def split_candidates(file: Path, out_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
@@ -431,12 +426,17 @@ def check_divergences(file: Path, candidates: list[str], allowed: list[str]) -> 
 
 def payload_tasks(file: Path) -> list[str]:
     """The task names a spectra, curves, bases or divergences file lists in its metadata, in row order."""
+    return _listed(file, "tasks", "no task list in the metadata: not a spectra, curves or bases file")
+
+
+def _listed(file: Path, key: str, missing: str) -> list[str]:
+    """The JSON list under `key` in a safetensors file's metadata; `missing` says what the file is not, without it."""
     with open_safetensors(file) as f:
         meta = f.metadata() or {}
     try:
-        return json.loads(meta["tasks"])
+        return json.loads(meta[key])
     except (KeyError, ValueError):
-        raise RMMError("no task list in the metadata: not a spectra, curves or bases file", file=file) from None
+        raise RMMError(missing, file=file) from None
 
 
 def _site_tasks(file: Path, allowed: list[str]) -> list[str]:
