@@ -20,6 +20,7 @@ import math
 import torch
 
 from rmm.canonical import canonicalize
+from rmm.device import to_cpu
 from rmm.errors import RMMError
 from rmm.storage import KINDS, Choice, Curves, StorageKind
 
@@ -28,18 +29,8 @@ def curves(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> Curves:
     """One module's error curves, centrally, from all tasks' raw factors (T, out, r), (T, r, in) and
     their own ranks. A federation computes the same from its sites' uploads (`rmm.payload`)."""
     canonical = canonicalize(B, A)
-    kinds = {name: _on_cpu(k.curve((B, A), canonical, ranks)) for name, k in KINDS.items()}
+    kinds = {name: to_cpu(k.curve((B, A), canonical, ranks)) for name, k in KINDS.items()}
     return Curves(B.shape[1], A.shape[2], B.shape[2], tuple(ranks), kinds)
-
-
-def _on_cpu(curve):
-    """A curve computed on any device, its tensors moved to the CPU: the allocator's bisection is small and scalar."""
-    if isinstance(curve, torch.Tensor):
-        return curve.cpu()
-    if isinstance(curve, tuple):
-        moved = [_on_cpu(x) for x in curve]
-        return type(curve)(*moved) if hasattr(curve, "_fields") else type(curve)(moved)
-    return curve
 
 
 def allocate(modules: list[Curves], budget: float) -> list[Choice]:

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rmm.adapter import LoraAdapter
-from rmm.errors import RMMError
+from rmm.errors import RMMError, first_line
 from rmm.io import safe_name, sha256_file
 
 DEFAULT_FILE = "default.jsonl"
@@ -117,7 +117,7 @@ def _tokenizer(base: Path, file: Path):
         return AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
         raise RMMError(
-            f"text examples need the base model's tokenizer, which did not load ({_why(e)})", file=file
+            f"text examples need the base model's tokenizer, which did not load ({first_line(e)})", file=file
         ) from None
 
 
@@ -182,19 +182,14 @@ def _load(adapter: LoraAdapter, base: Path, bases: dict) -> torch.nn.Module:
             cls = getattr(transformers, AUTO_CLASSES[task_type] if task_type else architectures[0])
             bases[key] = cls.from_pretrained(base, **kwargs).eval()
         except (OSError, ValueError, RuntimeError) as e:
-            raise RMMError(f"the base model did not load for {task_type} ({_why(e)})", file=base) from None
+            raise RMMError(f"the base model did not load for {task_type} ({first_line(e)})", file=base) from None
     try:
         model = PeftModel.from_pretrained(copy.deepcopy(bases[key]), adapter.path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise RMMError(
-            f"PEFT did not load the adapter onto the base at {base} ({_why(e)})", file=adapter.path
+            f"PEFT did not load the adapter onto the base at {base} ({first_line(e)})", file=adapter.path
         ) from None
     return model.eval()
-
-
-def _why(e: Exception) -> str:
-    """The first line of a library's error, for a one-line message."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _set_factors(model: torch.nn.Module, factors: Factors, adapter: LoraAdapter) -> None:

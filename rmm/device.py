@@ -37,6 +37,19 @@ def resolve(name: str | torch.device | None) -> torch.device:
     return device
 
 
+def to_cpu(x):
+    """`x` with every tensor in it (nested in dicts, lists, tuples, named tuples) moved to the CPU: results are
+    written, and the allocator's scalar bisection run, there."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        moved = [to_cpu(v) for v in x]
+        return type(x)(*moved) if hasattr(x, "_fields") else type(x)(moved)
+    return x
+
+
 def workers(device: torch.device) -> int:
     """Modules solved at once. On the CPU one per core, each on one intra-op thread (`single_threaded`), so
     threads x intra-op threads never exceed the cores; on a GPU two, so that one module's reads overlap

@@ -19,3 +19,8 @@ class RMMError(ValueError):
         if module is not None:
             where.append(f"module {module}")
         super().__init__(f"{': '.join(where)}: {reason}" if where else reason)
+
+
+def first_line(e: Exception) -> str:
+    """The first line of a library's error (or its type's name), for a one-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

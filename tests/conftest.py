@@ -23,7 +23,7 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-LLAMA = LlamaConfig(
+LLAMA_SIZE = dict(  # the tiny models every test builds (test_extract adds its special tokens)
     vocab_size=64,
     hidden_size=32,
     intermediate_size=48,
@@ -32,7 +32,9 @@ LLAMA = LlamaConfig(
     num_key_value_heads=2,
     max_position_embeddings=32,
 )
-GPT2 = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+GPT2_SIZE = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+LLAMA = LlamaConfig(**LLAMA_SIZE)
+GPT2 = GPT2Config(**GPT2_SIZE)
 
 
 def _save_base(cls, config, path: Path) -> Path:

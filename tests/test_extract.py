@@ -25,26 +25,14 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
 
+from conftest import GPT2_SIZE, LLAMA_SIZE
 from rmm.adapter import PREFIX, open_adapter
 from rmm.errors import RMMError
 from rmm.extract import extract
 
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-
-LLAMA = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    pad_token_id=0,
-)
-GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+LLAMA = LLAMA_SIZE | {"pad_token_id": 0}
+GPT2 = GPT2_SIZE | {"bos_token_id": 0, "eos_token_id": 0}
 TRUE_RANK = 3
 LLAMA_LINEARS = [
     f"model.layers.{i}.{m}"

@@ -15,7 +15,7 @@ from collections import deque
 import ray
 import torch
 
-from rmm.device import bound_heap, workers
+from rmm.device import bound_heap, to_cpu, workers
 from rmm.errors import RMMError
 from workers.site import _get, node_slots, on_slot
 
@@ -42,7 +42,7 @@ class ModuleWorker:
         ref = fn[0]
         if ref not in self.functions:
             self.functions[ref] = ray.get(ref)
-        return self.node, _on_cpu(self.functions[ref](mod))
+        return self.node, to_cpu(self.functions[ref](mod))
 
 
 class ClusterMap:
@@ -98,14 +98,3 @@ class ClusterMap:
         name, ref = pending.popleft()
         placed[name], result = _get([ref])[0]
         return result
-
-
-def _on_cpu(x):
-    """A module's results with every tensor on the CPU: the driver, which writes them, may have no GPU."""
-    if isinstance(x, torch.Tensor):
-        return x.cpu()
-    if isinstance(x, dict):
-        return {k: _on_cpu(v) for k, v in x.items()}
-    if type(x) in (list, tuple):
-        return type(x)(_on_cpu(v) for v in x)
-    return x

@@ -33,7 +33,7 @@ from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.calibrate import Calibration, read_examples, summed
 from rmm.device import DEVICES, resolve
-from rmm.errors import RMMError
+from rmm.errors import RMMError, first_line
 from rmm.merge import candidate_divergences, merge, revert
 from rmm.payload import (
     smallest_exact_numbers,
@@ -381,20 +381,16 @@ def ensure_ray(address: str | None = None) -> bool:
         try:
             ray.init(address=address, **quiet)
         except Exception as e:
-            raise RMMError(f"cannot join the Ray cluster at {address}: {_first_line(e)}") from None
+            raise RMMError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
         return True
     try:
         ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=256 * 1024 * 1024, include_dashboard=False, **quiet)
     except Exception as e:
         raise RMMError(
-            f"could not start an embedded Ray ({_first_line(e)}); for many sites on one host, start one shared Ray "
+            f"could not start an embedded Ray ({first_line(e)}); for many sites on one host, start one shared Ray "
             "(`ray start --head --num-cpus N`) and give every site --ray-address auto"
         ) from None
     return False
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _get(refs: list) -> list:
@@ -407,7 +403,7 @@ def _get(refs: list) -> list:
             raise e.cause from None
         raise
     except ray.exceptions.ActorUnschedulableError as e:
-        raise RMMError(f"Ray cannot place an actor: {_first_line(e)}") from None
+        raise RMMError(f"Ray cannot place an actor: {first_line(e)}") from None
 
 
 def _smallest_exact_upload(manifests: list[dict]) -> tuple[str, int]:
