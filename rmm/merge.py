@@ -63,7 +63,7 @@ from rmm.plan import (
     stack_factors,
     storage_dtype,
 )
-from rmm.storage import Curves, basis_specs, coef_specs, kind, rebuild
+from rmm.storage import Curves, basis_specs, coef_specs, kind, rebuild, rebuild_all
 
 # How a merge computes one function over its modules, yielding the results in module order: `_in_order` (threads
 # here) by default; a caller may spread them elsewhere (e.g. `workers.cluster.ClusterMap`, over a Ray cluster's
@@ -289,12 +289,11 @@ def _solve_module(
         with open_safetensors(basis) as f:
             given = {k: read_tensor(f, basis, f"{mod.name}.{k}") for k in how.basis_specs(mod, dtype)}
     shared, own, energy = how.fit(mod, adapters, raw, (B, A), dtype, given)
-    T = len(adapters)
-    reverted = [rebuild(mod, shared, own[t]) for t in range(T)]
-    errors = [relative_error(B[t], A[t], *reverted[t]).item() for t in range(T)]
+    reverted = rebuild_all(mod, shared, own)
+    errors = relative_error(B, A, *reverted).tolist()
     if energy is None:
-        total = float(sum(frobenius_inner(B[t], A[t], B[t], A[t]) for t in range(T)))
-        kept = float(sum(frobenius_inner(*reverted[t], *reverted[t]) for t in range(T)))
+        total = float(frobenius_inner(B, A, B, A).sum())
+        kept = float(frobenius_inner(*reverted, *reverted).sum())
         energy = {"dW": 1.0 if total <= 0 else min(1.0, kept / total)}
     return shared, own, energy, errors
 

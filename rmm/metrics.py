@@ -12,7 +12,12 @@ def frobenius_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: to
 
 def relative_error(B: torch.Tensor, A: torch.Tensor, B_hat: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     """||B A - B_hat A_hat||_F / ||B A||_F (0 where dW is 0 and so is the error)."""
-    ref = frobenius_inner(B, A, B, A)
-    err = ref - 2 * frobenius_inner(B, A, B_hat, A_hat) + frobenius_inner(B_hat, A_hat, B_hat, A_hat)
-    err = err.clamp_min(0)
-    return torch.where(ref > 0, (err / ref.clamp_min(torch.finfo(ref.dtype).tiny)).sqrt(), err.sqrt())
+    own = frobenius_inner(B, A, B, A)
+    fit = frobenius_inner(B_hat, A_hat, B_hat, A_hat)
+    return squared_relative(own, frobenius_inner(B, A, B_hat, A_hat), fit).sqrt()
+
+
+def squared_relative(own: torch.Tensor, cross: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
+    """||dW - fit||^2 / ||dW||^2 from <dW, dW>, <dW, fit> and <fit, fit> (the absolute error where dW is 0)."""
+    err = (own - 2 * cross + fit).clamp_min(0)
+    return torch.where(own > 0, err / own.clamp_min(torch.finfo(own.dtype).tiny), err)

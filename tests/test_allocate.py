@@ -120,3 +120,41 @@ def test_per_position_curve_is_the_dense_error_of_the_papers_rebuild(shape):
         torch.testing.assert_close(errors[:, p], dense, atol=1e-9, rtol=1e-7)
     if bases[0].p == min(r, T - 1):
         assert errors[:, -1].max() < 1e-9  # p = min(r, T - 1) is exact
+
+
+def _spectrum(seed: int, n: int, q: int, s: torch.Tensor) -> torch.Tensor:
+    """An n x q matrix with singular values `s` (zero beyond them)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(s)
+    U = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(q, k, generator=gen, dtype=torch.float64)).Q
+    return U * s @ V.T
+
+
+def test_joint_bases_are_the_svds_leading_directions_however_ill_conditioned():
+    """The Gram route of `top_left_vectors` against the SVD: orthonormal columns, and each leading set of K columns
+    keeps as much of C's energy as the SVD's top K (to 1e-12 of the whole; the joint curve measures this), spanning
+    the same directions where they are well resolved (projectors compared), for tall and wide roots, singular values
+    down to 1e-14 of the largest, and roots of lower rank than the columns asked for."""
+    from rmm.storage.joint import top_left_vectors
+
+    cases = [
+        (200, 40, torch.logspace(0, -14, 40, dtype=torch.float64)),  # tall, beyond what the Gram resolves
+        (200, 40, torch.logspace(0, -3, 25, dtype=torch.float64)),  # tall, rank 25 of 40
+        (30, 90, torch.logspace(0, -10, 30, dtype=torch.float64)),  # wide
+        (30, 90, torch.linspace(1, 0.5, 12, dtype=torch.float64)),  # wide, rank 12
+    ]
+    for seed, (n, q, s) in enumerate(cases):
+        C = _spectrum(seed, n, q, s)
+        U = top_left_vectors(C, cap=q)
+        k = min(n, q)
+        assert U.shape == (n, k)
+        torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=torch.float64), atol=1e-12, rtol=0)
+        Us = torch.linalg.svd(C, full_matrices=False)[0]
+        for K in range(1, len(s) + 1):
+            kept, best = (U[:, :K].T @ C).square().sum(), (Us[:, :K].T @ C).square().sum()
+            assert kept >= best - 1e-12 * s.square().sum(), (seed, K)  # what the joint curve measures
+            if s[K - 1] > 1e-3 * s[0]:  # well resolved: the same directions
+                P, Ps = U[:, :K] @ U[:, :K].T, Us[:, :K] @ Us[:, :K].T
+                assert (P - Ps).abs().max() < 1e-9, (seed, K)
+        assert (U[:, : len(s)] @ U[:, : len(s)].T @ C - C).abs().max() < 1e-12  # C's whole range is spanned

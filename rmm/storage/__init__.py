@@ -30,7 +30,18 @@ KINDS: dict[str, StorageKind] = {
     "shared": Shared(),
 }
 
-__all__ = ["FACTORS", "KINDS", "Choice", "Curves", "StorageKind", "basis_specs", "coef_specs", "kind", "rebuild"]
+__all__ = [
+    "FACTORS",
+    "KINDS",
+    "Choice",
+    "Curves",
+    "StorageKind",
+    "basis_specs",
+    "coef_specs",
+    "kind",
+    "rebuild",
+    "rebuild_all",
+]
 
 
 def kind(mod: ModuleEntry) -> StorageKind:
@@ -51,3 +62,16 @@ def rebuild(mod: ModuleEntry, shared: dict, own: dict) -> tuple[torch.Tensor, to
     """One task's folded factors (B, A) of one module, float64, from its basis tensors `shared` and its own
     tensors `own` (by suffix)."""
     return kind(mod).rebuild(mod, {k: v.double() for k, v in (shared | own).items()})
+
+
+def rebuild_all(mod: ModuleEntry, shared: dict, own: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's folded factors of one module at once, (T, out, k), (T or 1, k, in), float64. Where the tasks'
+    own tensors are alike in shape they are stacked and rebuilt in one call (a kind's `rebuild` works over a leading
+    task dimension); else each task is rebuilt and its factors zero-padded to the widest rank (same dW)."""
+    if all(x[k].shape == own[0][k].shape for x in own for k in own[0]):
+        return rebuild(mod, shared, {k: torch.stack([x[k] for x in own]) for k in own[0]})
+    found = [rebuild(mod, shared, x) for x in own]
+    k = max(B.shape[1] for B, _ in found)
+    B = torch.stack([torch.nn.functional.pad(B, (0, k - B.shape[1])) for B, _ in found])
+    A = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, k - A.shape[0])) for _, A in found])
+    return B, A

