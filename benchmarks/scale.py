@@ -5,6 +5,8 @@ Cases (synthetic PEFT LoRA directories, written once to a cache; shared structur
 
 - `small-T16`, `small-T128`, `small-T1024`: 4 layers x q,v of 256 x 256, r = 8, float32: many tasks, small modules.
 - `1gib`: 32 layers x q,k,v,o of 4096 x 4096, r = 16, T = 16, float32 (the issue's 1 GiB benchmark).
+- `r64-T8`: 8 layers x q,k,v,o of 4096 x 4096, r = 64, T = 8, bf16: a few adapters of a high rank (fewer tasks than
+  the rank, where the per-position basis comes from a T x T problem, `rmm.solver.basis_of`).
 - `7b`: 32 layers x q,k,v,o,gate,up,down at Llama-3-8B's shapes (q, o 4096 x 4096; k, v 1024 x 4096; gate, up
   14336 x 4096; down 4096 x 14336), r = 16, T = 64, bf16: about 5 GiB (`--layers` cuts it down).
 
@@ -62,6 +64,8 @@ def cases(names: list[str], layers: int) -> list[dict]:
             found.append(dict(name=name, shapes=SMALL, layers=4, tasks=int(name[7:]), rank=8, dtype="float32"))
         elif name == "1gib":
             found.append(dict(name=name, shapes=ATTENTION, layers=32, tasks=16, rank=16, dtype="float32"))
+        elif name == "r64-T8":
+            found.append(dict(name=name, shapes=ATTENTION, layers=8, tasks=8, rank=64, dtype="bfloat16"))
         elif name == "7b":
             found.append(
                 dict(name=f"7b-L{layers}", shapes=LLAMA3_8B, layers=layers, tasks=64, rank=16, dtype="bfloat16")

@@ -53,11 +53,32 @@ def solve(m: Moments, p: int) -> Basis:
     scatter = m.s2 - m.n * mu[:, :, None] * mu[:, None, :]
     scatter = (scatter + scatter.mT) / 2  # exact symmetry for eigh
     evals, evecs = torch.linalg.eigh(scatter)  # ascending
-    evals, U = evals.flip(-1).clamp_min(0), evecs[..., evecs.shape[-1] - p :].flip(-1)
-    # Deterministic signs: the largest-magnitude entry of every basis vector is positive.
+    return Basis(mu, _signed(evecs[..., evecs.shape[-1] - p :].flip(-1)), evals.flip(-1).clamp_min(0))
+
+
+def basis_of(X: torch.Tensor, p: int) -> Basis:
+    """`solve(Moments.of(X), p)`, from the tasks' vectors X (T, P, r) themselves.
+
+    With fewer tasks than the rank the centred scatter has rank below T, and its eigenvectors come from a T x T
+    problem per position: Q R = the centred vectors (r x T), U = Q times the eigenvectors of R R^T (orthonormal
+    as they are, whatever the spectrum). That is much cheaper than the r x r eigh when r >> T, the usual case
+    when a few adapters of rank 32 to 128 are merged (per position, r = 64 and T = 8: about 10x)."""
+    T, r = X.shape[0], X.shape[-1]
+    if T >= r or p >= T:
+        return solve(Moments.of(X), p)
+    X = X.to(torch.float64)
+    mu = X.sum(0) / T
+    Q, R = torch.linalg.qr((X - mu).permute(1, 2, 0))  # (P, r, T), (P, T, T)
+    core = R @ R.mT
+    evals, evecs = torch.linalg.eigh((core + core.mT) / 2)  # ascending
+    U = Q @ evecs[..., T - p :].flip(-1)
+    return Basis(mu, _signed(U), torch.nn.functional.pad(evals.flip(-1).clamp_min(0), (0, r - T)))
+
+
+def _signed(U: torch.Tensor) -> torch.Tensor:
+    """Deterministic signs: the largest-magnitude entry of every basis vector (P, r, p) is positive."""
     pivot = torch.gather(U, 1, U.abs().argmax(dim=1, keepdim=True))
-    U = U * torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
-    return Basis(mu, U, evals)
+    return U * torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
 
 
 def coefficients(mean: torch.Tensor, vectors: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -104,12 +125,9 @@ def encode(X: torch.Tensor, kind: str, q: int | None) -> list[tuple[str, torch.T
         m = Moments.of(X)
         rows, cols = torch.triu_indices(X.shape[-1], X.shape[-1])
         return [("s1", m.s1), ("s2", m.s2[:, rows, cols])]
-    mean = X.to(torch.float64).mean(0)
-    centred = (X.to(torch.float64) - mean).transpose(0, 1)  # (P, n, r)
-    evals, evecs = torch.linalg.eigh(centred.mT @ centred)  # ascending
     k = sketch_rank(q, X.shape[-1], X.shape[0])
-    top = evals[..., evals.shape[-1] - k :].clamp_min(0).sqrt()
-    return [("mean", mean), ("qs", evecs[..., evecs.shape[-1] - k :] * top.unsqueeze(-2))]
+    basis = basis_of(X, k)
+    return [("mean", basis.mean), ("qs", basis.vectors * basis.eigvals[:, :k].sqrt().unsqueeze(-2))]
 
 
 def summary_specs(P: int, r: int, n: int, kind: str, q: int | None) -> dict:

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmm.canonical import canonicalize
-from rmm.solver import Moments, coefficients, reconstruct, solve, storage_numbers, storage_ratio
+from rmm.solver import Moments, basis_of, coefficients, reconstruct, solve, storage_numbers, storage_ratio
 
 shapes = st.tuples(
     st.integers(1, 12),  # tasks T
@@ -44,6 +44,25 @@ def test_moments_path_equals_direct_svd(shape):
     p = min(p, r)
     X = _data(T, P, r, seed)
     _, fit = _fit(X, p)
+    torch.testing.assert_close(fit, _svd_reference(X, p), rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 9), st.integers(2, 24), st.integers(0, 8), st.integers(0, 2**31 - 1))
+def test_few_tasks_basis_from_the_vectors_equals_the_moments_one(T, P, r, p, seed):
+    """With fewer tasks than the rank, `basis_of` solves a T x T problem per position: the same mean, spectrum and
+    fit as the moments' r x r eigh and the per-position SVD, and orthonormal vectors."""
+    p = min(p, r, max(T - 1, 0))
+    X = _data(T, P, r, seed)
+    if seed % 3 == 0:  # tasks that agree in some directions: a centred rank below T - 1
+        X[: T // 2] = X[0]
+    got, want = basis_of(X, p), solve(Moments.of(X), p)
+    torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.eigvals, want.eigvals, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        got.vectors.mT @ got.vectors, torch.eye(p, dtype=X.dtype).expand(P, p, p), atol=1e-12, rtol=0
+    )
+    fit = reconstruct(got.mean, got.vectors, coefficients(got.mean, got.vectors, X))
     torch.testing.assert_close(fit, _svd_reference(X, p), rtol=1e-7, atol=1e-9)
 
 

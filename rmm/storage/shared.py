@@ -17,7 +17,7 @@ import torch
 from rmm.metrics import squared_relative
 from rmm.solver import (
     Basis,
-    Moments,
+    basis_of,
     coefficients,
     decode,
     encode,
@@ -71,7 +71,7 @@ def shared_cap(rank: int, ranks: list[int]) -> int:
 def position_bases(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> tuple[Basis, Basis]:
     """The per-position bases of raw factors (T, out, r), (T, r, in) of tasks of `ranks`, up to `shared_cap`."""
     p = shared_cap(B.shape[2], ranks)
-    return solve(Moments.of(B), p), solve(Moments.of(A.mT), p)
+    return basis_of(B, p), basis_of(A.mT, p)
 
 
 def _read_factor(read, factor: str, suffix: str) -> torch.Tensor:
@@ -110,7 +110,7 @@ class Shared(StorageKind):
         shared, Cs, energy = {}, {}, {}
         for factor, X in zip(FACTORS, _positions(factors)):
             if given is None:
-                solution = solve(Moments.of(X), mod.p)
+                solution = basis_of(X, mod.p)
                 mean, vectors = solution.mean.to(dtype), solution.vectors.to(dtype)
             else:
                 mean, vectors = (given[f"{factor}.{k}"].to(X.device, dtype) for k in ("mean", "basis"))
