@@ -66,9 +66,10 @@ from rmm.plan import (
 from rmm.storage import Curves, basis_specs, coef_specs, kind, rebuild, rebuild_all
 
 # How a merge computes one function over its modules, yielding the results in module order: `_in_order` (threads
-# here) by default; a caller may spread them elsewhere (e.g. `workers.cluster.ClusterMap`, over a Ray cluster's
-# nodes). The function is a picklable `partial` of adapters opened here; where it runs, it reads their files.
-ModuleMap = Callable[[Callable[[ModuleEntry], Any], list[ModuleEntry], torch.device], Iterable[Any]]
+# here, on the merge's device) by default; a caller may spread them elsewhere (e.g. `workers.cluster.ClusterMap`,
+# over a Ray cluster's nodes, on the device its nodes have). The function, called as fn(module, device), is a
+# picklable `partial` of adapters opened here; where it runs, it reads their files.
+ModuleMap = Callable[[Callable[[ModuleEntry, torch.device], Any], list[ModuleEntry], torch.device], Iterable[Any]]
 
 
 def merge(
@@ -131,9 +132,7 @@ def merge(
             )
             for a in adapters
         }
-        solve = partial(
-            _solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis, device=device
-        )
+        solve = partial(_solve_module, adapters, canonical=options.canonicalize, dtype=dtype, basis=basis)
         solved = map_modules(solve, modules, device)
         for mod, (shared, own, captured, err) in track(
             zip(modules, solved),
@@ -269,11 +268,11 @@ def _checked_tensors(bundle: Path, manifest: Manifest, file: Path, specs: dict) 
 def _solve_module(
     adapters: list[LoraAdapter],
     mod: ModuleEntry,
+    device: torch.device,
     *,
     canonical: bool,
     dtype: torch.dtype,
     basis: Path | None,
-    device: torch.device,
 ):
     """One module: (basis tensors, each task's tensors, energy kept, each task's dW error), as stored.
 
@@ -312,7 +311,7 @@ def allocate_modules(
     examples = read_examples(calibration, [a.name for a in adapters]) if calibration else None
     found = list(
         track(
-            (map_modules or _in_order)(partial(_module_curves, adapters, device=device), specs, device),
+            (map_modules or _in_order)(partial(_module_curves, adapters), specs, device),
             total=len(specs),
             description="sizing modules",
             disable=not progress,
@@ -346,7 +345,7 @@ def allocate_modules(
     return candidates[report.chosen], report
 
 
-def _module_curves(adapters: list[LoraAdapter], mod: ModuleEntry, *, device: torch.device) -> Curves:
+def _module_curves(adapters: list[LoraAdapter], mod: ModuleEntry, device: torch.device) -> Curves:
     raw = stack_factors(adapters, mod, canonical=False, device=device)
     return curves(*raw, [a.modules[mod.name].rank for a in adapters])
 
@@ -384,7 +383,7 @@ def reverted_factors(
     `dtype` (in the task's own dtype, as revert writes it), with nothing written."""
     found: list[dict] = [{} for _ in adapters]
     device = resolve(device)
-    solve = partial(_solve_module, adapters, canonical=False, dtype=dtype, basis=basis, device=device)
+    solve = partial(_solve_module, adapters, canonical=False, dtype=dtype, basis=basis)
     for mod, (shared, own, _, _) in zip(modules, _in_order(solve, modules, device)):
         for t, a in enumerate(adapters):
             B, A = rebuild(mod, shared, own[t])
@@ -393,7 +392,7 @@ def reverted_factors(
 
 
 def _in_order(solve_one, modules: list[ModuleEntry], device: torch.device):
-    """Solve modules on a few threads (torch releases the GIL), yielding results in order.
+    """Solve modules on a few threads (torch releases the GIL) on `device`, yielding results in order.
 
     At most `workers + 1` modules are in flight, so memory stays a few modules of all T adapters. On the CPU each
     thread computes on one intra-op thread, so the threads together use the cores and no more (`rmm.device`).
@@ -403,7 +402,7 @@ def _in_order(solve_one, modules: list[ModuleEntry], device: torch.device):
     with single_threaded(device), ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for mod in modules:
-            pending.append(pool.submit(solve_one, mod))
+            pending.append(pool.submit(solve_one, mod, device))
             if len(pending) > workers:
                 yield pending.popleft().result()
         while pending:

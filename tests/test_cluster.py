@@ -102,15 +102,38 @@ def test_merge_spread_over_the_cluster_is_the_local_merge_bit_for_bit(cluster, a
     """Curves on the actors, the allocation on the driver, the solves on the actors: the same plan and the same
     bytes in every tensor file (the actors compute single-threaded, as a local merge's module threads do)."""
     address, env = cluster
-    summary = _rmm("merge", *map(str, adapters), "--out", str(tmp_path / "spread"), "--ray-address", address, env=env)
+    summary = _rmm(
+        "merge",
+        *map(str, adapters),
+        "--out",
+        str(tmp_path / "spread"),
+        "--ray-address",
+        address,
+        "--device",
+        "cpu",
+        env=env,
+    )
     local = merge(adapters, tmp_path / "local", progress=False)
     spread = read_manifest(tmp_path / "spread")
     assert spread.modules == local.modules
     assert spread.files == local.files  # sha256 of the basis and of every task's coefficients
     passes = summary["cluster"]["passes"]
     assert [sorted(p) for p in passes] == [sorted(m.name for m in local.modules)] * 2  # curves, then solves
+    assert summary["cluster"]["device"] == "cpu"
     for placed in passes:
         assert len(set(placed.values())) == NODES, placed  # 6 modules, 3 one-CPU nodes: 2 modules each
+
+
+def test_merge_auto_computes_on_the_clusters_gpus_whatever_the_driver_has(cluster, adapters, tmp_path):
+    """--device auto means the cluster's GPUs, though this driver has none. One node here offers Ray a GPU that
+    torch cannot use: the merge stops there in one line, and writes nothing."""
+    address, env = cluster
+    out = tmp_path / "auto"
+    args = ["merge", *map(str, adapters), "--out", str(out), "--ray-address", address, "--json"]
+    done = subprocess.run([RMM, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "offers a GPU, but torch there sees no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
 
 
 def test_a_site_asked_for_cuda_on_a_cluster_without_gpus_says_so_before_joining(ray_cluster, adapters, tmp_path):
@@ -130,10 +153,18 @@ def test_sites_on_cuda_equal_the_central_merge(ray_cluster, adapters, tmp_path):
         _assert_reverts_as_the_cpu_merge(adapters, Path(site["reverted"]), tmp_path / "central", site["tasks"])
 
 
+def test_a_merge_asked_for_cuda_on_a_cluster_without_gpus_says_so_and_writes_nothing(ray_cluster, adapters, tmp_path):
+    with pytest.raises(RMMError, match="no GPU"), ClusterMap("cuda") as spread:
+        merge(adapters, tmp_path / "gpu", device="cpu", map_modules=spread, progress=False)
+    assert not (tmp_path / "gpu").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_merge_on_the_clusters_gpus_equals_the_cpu_merge(ray_cluster, adapters, tmp_path):
+    """The driver computes on its CPU (a CPU head node), the actors on the cluster's GPUs."""
     with ClusterMap() as spread:
-        merge(adapters, tmp_path / "gpu", device="cuda", map_modules=spread, progress=False)
+        merge(adapters, tmp_path / "gpu", device="cpu", map_modules=spread, progress=False)
+    assert spread.computed_on == "cuda"
     assert {node for placed in spread.passes for node in placed.values()}  # computed by the actors
     revert(tmp_path / "gpu", tmp_path / "gpu-reverted", device="cpu", progress=False)
     _assert_reverts_as_the_cpu_merge(adapters, tmp_path / "gpu-reverted", tmp_path / "central")

@@ -31,8 +31,8 @@ def register(verbs) -> None:
         "--ray-address",
         metavar="ADDR",
         help="spread the modules over the Ray cluster at ADDR (auto: the one started on this host), one actor per "
-        "node (per GPU with --device cuda): curves there, the allocation here, solves there; every node must read "
-        "the adapters at the same paths",
+        "node, or per GPU where the cluster has GPUs (--device auto uses them whatever this host has): curves there, "
+        "the allocation here, solves there; every node must read the adapters at the same paths",
     )
     p.set_defaults(run=partial(_merge_on_cluster, p.get_default("run")))
 
@@ -205,14 +205,16 @@ def _merge_on_cluster(local, args) -> int:
     from workers.site import ensure_ray
 
     options, calibration = merge_options(args), calibration_of(args)
-    with _only_json_on_stdout(args.json), ClusterMap() as spread:
+    # The modules are computed on the cluster's device (--device against its nodes' GPUs); what the driver computes
+    # itself (the allocation, calibration) on its own: a CPU head node with GPU workers is a usual cluster.
+    with _only_json_on_stdout(args.json), ClusterMap(args.device) as spread:
         ensure_ray(args.ray_address)
         manifest = merge(
             args.adapters,
             args.out,
             options,
             calibration=calibration,
-            device=args.device,
+            device="cpu" if args.device == "cpu" else "auto",
             map_modules=spread,
             progress=not args.json,
             force=args.force,
@@ -222,7 +224,10 @@ def _merge_on_cluster(local, args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
-        console.print(f"modules computed on {summary['cluster']['nodes']} node(s) of the Ray cluster", highlight=False)
+        where = summary["cluster"]
+        console.print(
+            f"modules computed on {where['nodes']} node(s) of the Ray cluster ({where['device']})", highlight=False
+        )
     return 0
 
 

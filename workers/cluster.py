@@ -17,7 +17,7 @@ import torch
 
 from rmm.device import bound_heap, to_cpu, workers
 from rmm.errors import RMMError
-from workers.site import _get, node_slots, on_slot
+from workers.site import _actor_device, _get, node_slots, on_slot
 
 
 class ModuleWorker:
@@ -32,7 +32,12 @@ class ModuleWorker:
         self.functions: dict = {}
 
     def threads(self) -> int:
-        """Modules this actor computes at once, as a local merge would on this node (`rmm.device.workers`)."""
+        """Modules this actor computes at once, as a local merge would on this node (`rmm.device.workers`); the first
+        call, so a node that offers Ray a GPU torch cannot use says so here."""
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RMMError(
+                "a node of the Ray cluster offers a GPU, but torch there sees no CUDA GPU; merge with --device cpu"
+            )
         return workers(self.device)
 
     def run(self, fn: list, mod) -> tuple[str, object]:
@@ -42,14 +47,17 @@ class ModuleWorker:
         ref = fn[0]
         if ref not in self.functions:
             self.functions[ref] = ray.get(ref)
-        return self.node, to_cpu(self.functions[ref](mod))
+        return self.node, to_cpu(self.functions[ref](mod, self.device))
 
 
 class ClusterMap:
-    """A `rmm.merge.ModuleMap` over the cluster this process is connected to. `passes` records, per pass, the node
-    each module was computed on."""
+    """A `rmm.merge.ModuleMap` over the cluster this process is connected to, computing on `device` (auto|cpu|cuda;
+    auto: CUDA when the cluster has GPUs, whatever the driver has: a CPU head node merges on its GPU workers).
+    `passes` records, per pass, the node each module was computed on."""
 
-    def __init__(self):
+    def __init__(self, device: str = "auto"):
+        self.device = device
+        self.computed_on: str | None = None  # the device resolved against the cluster, once started
         self.actors: list = []
         self.slots: list = []  # an actor once per module it computes at once: module i goes to slot i mod len
         self.passes: list[dict[str, str]] = []
@@ -62,8 +70,9 @@ class ClusterMap:
             ray.kill(actor)
 
     def __call__(self, fn, modules, device: torch.device):
+        """`device` (the driver's) is not used: the actors compute on the cluster's (`ClusterMap.device`)."""
         if not self.actors:
-            self._start(device)
+            self._start()
         fn = [ray.put(fn)]  # sent once, not with every module (`ModuleWorker.run`)
         placed: dict[str, str] = {}
         self.passes.append(placed)
@@ -76,17 +85,19 @@ class ClusterMap:
             yield self._take(pending, placed)
 
     def record(self) -> dict:
-        return {"nodes": len({node for placed in self.passes for node in placed.values()}), "passes": self.passes}
+        nodes = len({node for placed in self.passes for node in placed.values()})
+        return {"nodes": nodes, "device": self.computed_on, "passes": self.passes}
 
-    def _start(self, device: torch.device) -> None:
-        gpu = device.type == "cuda"
+    def _start(self) -> None:
+        device = self.computed_on = _actor_device(self.device, int(ray.cluster_resources().get("GPU", 0)))
+        gpu = device == "cuda"
         slots = node_slots("GPU" if gpu else "CPU", each=gpu)  # one actor per GPU, else per node
         if not slots:
             raise RMMError(f"the Ray cluster has no live node with a {'GPU' if gpu else 'CPU'} to merge on")
         cores = {n["NodeID"]: max(1, int(n["Resources"].get("CPU", 1))) for n in ray.nodes()}
         Worker = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)(ModuleWorker)
         self.actors = [
-            Worker.options(max_concurrency=cores[node], scheduling_strategy=on_slot(slots, i)).remote(str(device))
+            Worker.options(max_concurrency=cores[node], scheduling_strategy=on_slot(slots, i)).remote(device)
             for i, node in enumerate(slots)
         ]
         threads = [min(n, cores[node]) for n, node in zip(_get([a.threads.remote() for a in self.actors]), slots)]
