@@ -56,6 +56,19 @@ def test_pooled_roots_give_the_same_bases_as_the_stacked_ones(shape):
     torch.testing.assert_close(joint_errors(B, A, U1, V1), joint_errors(B, A, U2, V2), atol=1e-8, rtol=1e-6)
 
 
+@settings(max_examples=20, deadline=None)
+@given(shapes)
+def test_a_sites_pooled_roots_keep_the_gram_in_the_fewest_orthogonal_columns(shape):
+    """`grams` (what a site sends): W W^T equal to the stacked roots' X X^T, min(side, T r) columns, orthogonal."""
+    seed, T, n_out, n_in, r = shape
+    B, A = _tasks(seed, T, n_out, n_in, r)
+    for W, X in zip(grams(B, A), stacked_roots(B, A)):
+        assert W.shape == (X.shape[0], min(X.shape))
+        torch.testing.assert_close(W @ W.T, X @ X.T, atol=1e-10, rtol=1e-9)
+        G = W.T @ W
+        torch.testing.assert_close(G - torch.diag(torch.diagonal(G)), torch.zeros_like(G), atol=1e-9, rtol=0)
+
+
 def _stored(m, c, T: int) -> int:
     """What a module's choice stores, counted from the tensors a bundle holds for it (README's table), not its
     `cost`."""

@@ -50,9 +50,13 @@ def grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _thin(X: torch.Tensor) -> torch.Tensor:
-    """U S of X's thin SVD: the same X X^T in at most min(X.shape) columns."""
-    U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    return U * S
+    """A root of X X^T in min(X.shape) orthogonal columns, largest first (what U S of X's thin SVD is), from the
+    eigh of the smaller Gram: X v for the eigenvectors v of X^T X (exact whatever the spectrum: v is orthogonal), or
+    U sqrt(L) for X X^T = U L U^T."""
+    if X.shape[0] < X.shape[1]:
+        evals, U = torch.linalg.eigh(X @ X.mT)
+        return (U * evals.clamp_min(0).sqrt()).flip(1)
+    return X @ torch.linalg.eigh(X.mT @ X)[1].flip(1)
 
 
 def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap: int) -> Factors:
