@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "--target-modules", nargs="+", metavar="NAME", help="module names or suffixes (default: every changed Linear)"
     )
     p.add_argument("--json", action="store_true", help="print the per-module summary as JSON on stdout")
+    add_device_arg(p)
     p.set_defaults(run=_extract)
 
     p = verbs.add_parser(
@@ -261,7 +262,9 @@ def _baseline(args) -> int:
 def _extract(args) -> int:
     from rmm.extract import extract
 
-    summary = extract(args.base, args.finetuned, args.rank, args.out, args.target_modules, progress=not args.json)
+    summary = extract(
+        args.base, args.finetuned, args.rank, args.out, args.target_modules, progress=not args.json, device=args.device
+    )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rmm.adapter import PREFIX, write_adapter
+from rmm.device import resolve
 from rmm.errors import RMMError
 from rmm.io import open_safetensors, read_tensor
 
@@ -50,13 +51,15 @@ def extract(
     out_dir: str | Path,
     target_modules: list[str] | None = None,
     progress: bool = True,
+    device: str | torch.device | None = "auto",
 ) -> dict:
     """Extract a rank-`rank` PEFT LoRA adapter from `finetuned_dir` relative to `base_dir`.
 
     `target_modules` (PEFT list semantics: a module name equal to an entry or ending in "." + entry)
     selects the Linear / Conv1D modules to extract, changed or not (unchanged ones get zero factors,
     so every task extracted with the same list has the same module set); by default every Linear /
-    Conv1D whose weight changed is extracted. Every input is checked before anything is written; a
+    Conv1D whose weight changed is extracted. `device`: where the SVDs run (`rmm.device.resolve`; auto: a CUDA
+    GPU when torch sees one), one module's delta at a time. Every input is checked before anything is written; a
     refused run raises RMMError and leaves no output.
 
     Returns a summary: `modules` (per module name: layer type, shape out x in, rank, `rel_error`
@@ -64,7 +67,7 @@ def extract(
     (changed tensors that LoRA cannot express -> reason), `modules_to_save` (task heads stored whole)
     and the adapter's `r`, `dtype`, `task_type` and `fan_in_fan_out`.
     """
-    base_dir, finetuned_dir, out_dir = Path(base_dir), Path(finetuned_dir), Path(out_dir)
+    base_dir, finetuned_dir, out_dir, device = Path(base_dir), Path(finetuned_dir), Path(out_dir), resolve(device)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise RMMError(f"rank must be a positive integer, got {rank!r}")
     if isinstance(target_modules, str):
@@ -115,7 +118,14 @@ def extract(
                         module=name,
                     )
                 result = _extract_one(
-                    b, f, rank, layer, explicit=target_modules is not None, file=ft.files[key], module=name
+                    b,
+                    f,
+                    rank,
+                    layer,
+                    explicit=target_modules is not None,
+                    file=ft.files[key],
+                    module=name,
+                    device=device,
                 )
                 if result is not None:
                     factors[PREFIX + name], modules[name] = result
@@ -411,8 +421,9 @@ def _lora_config(**kwargs) -> dict:
 # The SVD
 
 
-def _extract_one(base_w, ft_w, rank, layer, *, explicit, file, module):
-    """(B, A) and the module's report, or None for an unchanged weight that was not asked for."""
+def _extract_one(base_w, ft_w, rank, layer, *, explicit, file, module, device=torch.device("cpu")):
+    """(B, A) and the module's report, or None for an unchanged weight that was not asked for; computed on
+    `device`."""
     shape = tuple(base_w.shape)
     if len(shape) != 2:
         raise RMMError(f"expected a 2-D weight, got shape {list(shape)}", file=file, module=module)
@@ -422,7 +433,7 @@ def _extract_one(base_w, ft_w, rank, layer, *, explicit, file, module):
     q = min(d, k + max(10, k // 2))
     randomized = d > FULL_SVD_MAX and 4 * q <= d
     work = torch.float32 if randomized else torch.float64
-    delta = ft_w.to(work) - base_w.to(work)
+    delta = ft_w.to(device, work) - base_w.to(device, work)
     if layer == "Conv1D":
         delta = delta.T
     if not torch.isfinite(delta).all():
@@ -431,10 +442,10 @@ def _extract_one(base_w, ft_w, rank, layer, *, explicit, file, module):
     if norm == 0.0:
         if not explicit:
             return None
-        B, A = torch.zeros(m, k, dtype=work), torch.zeros(k, n, dtype=work)
+        B, A = torch.zeros(m, k, dtype=work, device=device), torch.zeros(k, n, dtype=work, device=device)
         rel, kept = 0.0, 1.0
     elif randomized:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[delta.device] if delta.is_cuda else []):  # seeded, caller's RNG kept
             torch.manual_seed(_SEED)
             U, S, V = torch.svd_lowrank(delta, q=q, niter=4)
         U, S, V = U[:, :k], S[:k], V[:, :k]

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -371,3 +373,30 @@ def test_cli_extract_then_merge_reverts_the_extracted_adapters(llama, tmp_path, 
         want, got = _lora_dw(out), _lora_dw(tmp_path / "rev" / out.name)
         for name in deltas:
             torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_extract_on_cuda_is_the_cpu_extract(llama, tmp_path):
+    """`--device cuda`: the same SVDs on the GPU (full and randomized), the same adapter to float64 precision."""
+    root, _, _ = llama
+    got = extract(root / "base", root / "ft", rank=2, out_dir=tmp_path / "gpu", progress=False, device="cuda")
+    want = extract(root / "base", root / "ft", rank=2, out_dir=tmp_path / "cpu", progress=False, device="cpu")
+    for name, info in want["modules"].items():
+        assert got["modules"][name]["rel_error"] == pytest.approx(info["rel_error"], rel=1e-6, abs=1e-9)
+    dw_gpu, dw_cpu = _lora_dw(tmp_path / "gpu"), _lora_dw(tmp_path / "cpu")
+    for name, dw in dw_cpu.items():
+        torch.testing.assert_close(dw_gpu[name], dw, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+def test_extract_asked_for_cuda_without_a_gpu_refuses_in_one_line(llama, tmp_path):
+    root, _, _ = llama
+    args = ["extract", "--base", str(root / "base"), "--finetuned", str(root / "ft"), "--rank", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "rmm.cli", *args, "--out", str(tmp_path / "a"), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "a").exists()
