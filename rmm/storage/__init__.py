@@ -65,7 +65,8 @@ def rebuild(mod: ModuleEntry, shared: dict, own: dict) -> tuple[torch.Tensor, to
 
 
 def rebuild_all(mod: ModuleEntry, shared: dict, own: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every task's folded factors of one module at once, (T, out, k), (T or 1, k, in), float64. Where the tasks'
+    """Every task's folded factors of one module at once, (T, out, k) and (T, k, in) (or one (k, in) all share),
+    float64. Where the tasks'
     own tensors are alike in shape they are stacked and rebuilt in one call (a kind's `rebuild` works over a leading
     task dimension); else each task is rebuilt and its factors zero-padded to the widest rank (same dW)."""
     if all(x[k].shape == own[0][k].shape for x in own for k in own[0]):

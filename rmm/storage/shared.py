@@ -14,7 +14,7 @@ from functools import partial, reduce
 
 import torch
 
-from rmm.metrics import squared_relative
+from rmm.metrics import frobenius_inner, squared_relative
 from rmm.solver import (
     Basis,
     basis_of,
@@ -59,7 +59,7 @@ def shared_errors(B: torch.Tensor, A: torch.Tensor, bases: tuple[Basis, Basis]) 
 
 def _gram_inner(X: tuple[torch.Tensor, torch.Tensor], Y: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """<B_X A_X, B_Y A_Y>_F per task, from factors given as positions (B's rows, A's columns)."""
-    return ((X[0].mT @ Y[0]) * (X[1].mT @ Y[1])).sum((-2, -1))
+    return frobenius_inner(X[0], X[1].mT, Y[0], Y[1].mT)
 
 
 def shared_cap(rank: int, ranks: list[int]) -> int:
