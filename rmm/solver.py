@@ -62,7 +62,8 @@ def basis_of(X: torch.Tensor, p: int) -> Basis:
     With fewer tasks than the rank the centred scatter has rank below T, and its eigenvectors come from a T x T
     problem per position: Q R = the centred vectors (r x T), U = Q times the eigenvectors of R R^T (orthonormal
     as they are, whatever the spectrum). That is much cheaper than the r x r eigh when r >> T, the usual case
-    when a few adapters of rank 32 to 128 are merged (4096 positions, r = 64 and T = 8: 14x)."""
+    when a few adapters of rank 32 to 128 are merged (4096 positions, r = 64 and T = 8: 12x;
+    `benchmarks/solver_speed.py`)."""
     T, r = X.shape[0], X.shape[-1]
     if T >= r or p >= T:
         return solve(Moments.of(X), p)

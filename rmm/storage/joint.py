@@ -77,12 +77,12 @@ RESOLVED = 1e-6  # singular values below this share of the largest are not resol
 def top_left_vectors(C: torch.Tensor, cap: int) -> torch.Tensor:
     """The top min(cap, *C.shape) left singular vectors of C (side, q), orthonormal columns, best first.
 
-    Through the eigenvectors of the smaller Gram matrix instead of an SVD: 2 to 3x faster at a merge's sizes (one
-    4096 x 256 root: 0.053 -> 0.027 s; 14336 x 1024: 2.4 -> 1.1 s). A wide C's are those of C C^T. A tall C's are
-    U = C v / s from C^T C's (q x q); the Gram squares the spread of the singular values, so U is then made
-    orthonormal again (one Cholesky QR pass, which keeps each leading set of columns' span), and directions under
-    `RESOLVED` of the largest, which it cannot resolve (and those past C's rank), are filled in by a QR as any
-    orthonormal completion, as an SVD's are."""
+    Through the eigenvectors of the smaller Gram matrix instead of an SVD: about 2x faster at a merge's sizes
+    (one 4096 x 256 root: 0.047 -> 0.023 s; 14336 x 1024: 2.5 -> 1.1 s; `benchmarks/solver_speed.py`). A wide C's
+    are those of C C^T. A tall C's are U = C v / s from C^T C's (q x q); the Gram squares the spread of the
+    singular values, so U is then made orthonormal again (one Cholesky QR pass, which keeps each leading set of
+    columns' span), and directions under `RESOLVED` of the largest, which it cannot resolve (and those past C's
+    rank), are filled in by a QR as any orthonormal completion, as an SVD's are."""
     k = min(cap, *C.shape)
     if C.shape[0] <= C.shape[1]:
         return torch.linalg.eigh(C @ C.mT)[1].flip(1)[:, :k]
