@@ -46,17 +46,17 @@ def stacked_roots(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch
 def grams(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same roots, pooled: W (side, q) with W W^T unchanged, q = min(side, T r), no column
     belonging to one task. What a federation's site sends."""
-    return tuple(_thin(X) for X in stacked_roots(B, A))
+    return tuple(gram_root(X, min(X.shape))[0] for X in stacked_roots(B, A))
 
 
-def _thin(X: torch.Tensor) -> torch.Tensor:
-    """A root of X X^T in min(X.shape) orthogonal columns, largest first (what U S of X's thin SVD is), from the
-    eigh of the smaller Gram: X v for the eigenvectors v of X^T X (exact whatever the spectrum: v is orthogonal), or
-    U sqrt(L) for X X^T = U L U^T."""
-    if X.shape[0] < X.shape[1]:
-        evals, U = torch.linalg.eigh(X @ X.mT)
-        return (U * evals.clamp_min(0).sqrt()).flip(1)
-    return X @ torch.linalg.eigh(X.mT @ X)[1].flip(1)
+def gram_root(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, s): the top k columns of a root of X X^T with orthogonal columns, largest first (U S of X's thin SVD),
+    and their norms s (X's singular values), from the eigh of the smaller Gram instead of an SVD: X v for the
+    eigenvectors v of X^T X (exact whatever the spectrum: v is orthogonal), or U sqrt(L) for X X^T = U L U^T."""
+    wide = X.shape[0] < X.shape[1]
+    evals, vectors = torch.linalg.eigh(X @ X.mT if wide else X.mT @ X)  # ascending
+    s, vectors = evals.flip(0)[:k].clamp_min(0).sqrt(), vectors.flip(1)[:, :k]
+    return (vectors * s if wide else X @ vectors), s
 
 
 def joint_bases(out_roots: list[torch.Tensor], in_roots: list[torch.Tensor], cap: int) -> Factors:
@@ -77,23 +77,19 @@ RESOLVED = 1e-6  # singular values below this share of the largest are not resol
 def top_left_vectors(C: torch.Tensor, cap: int) -> torch.Tensor:
     """The top min(cap, *C.shape) left singular vectors of C (side, q), orthonormal columns, best first.
 
-    Through the eigenvectors of the smaller Gram matrix instead of an SVD: about 2x faster at a merge's sizes
-    (one 4096 x 256 root: 0.047 -> 0.023 s; 14336 x 1024: 2.5 -> 1.1 s; `benchmarks/solver_speed.py`). A wide C's
-    are those of C C^T. A tall C's are U = C v / s from C^T C's (q x q); the Gram squares the spread of the
-    singular values, so U is then made orthonormal again (one Cholesky QR pass, which keeps each leading set of
+    W / s from `gram_root` instead of an SVD: about 2x faster at a merge's sizes (one 4096 x 256 root: 0.047 ->
+    0.023 s; 14336 x 1024: 2.5 -> 1.1 s; `benchmarks/solver_speed.py`). The Gram squares the spread of the singular
+    values, so the columns are then made orthonormal again (one Cholesky QR pass, which keeps each leading set of
     columns' span), and directions under `RESOLVED` of the largest, which it cannot resolve (and those past C's
     rank), are filled in by a QR as any orthonormal completion, as an SVD's are."""
     k = min(cap, *C.shape)
-    if C.shape[0] <= C.shape[1]:
-        return torch.linalg.eigh(C @ C.mT)[1].flip(1)[:, :k]
-    evals, evecs = torch.linalg.eigh(C.mT @ C)  # ascending
-    s, v = evals.flip(0)[:k].clamp_min(0).sqrt(), evecs.flip(1)[:, :k]
+    W, s = gram_root(C, k)
     good = int((s > RESOLVED * s[0]).sum()) if k else 0
-    U = C @ (v[:, :good] / s[:good])
+    U = W[:, :good] / s[:good]
     L = torch.linalg.cholesky(U.mT @ U)
     U = torch.linalg.solve_triangular(L, U.mT, upper=False).mT  # U L^-T: orthonormal, same leading spans
     if good < k:  # Householder QR gives orthonormal columns, orthogonal to U's, whatever the filler holds
-        rest = torch.linalg.qr(torch.cat([U, C @ v[:, good:]], dim=1)).Q[:, good:]
+        rest = torch.linalg.qr(torch.cat([U, W[:, good:]], dim=1)).Q[:, good:]
         U = torch.cat([U, rest], dim=1)
     return U
 
