@@ -136,6 +136,17 @@ def test_merge_auto_computes_on_the_clusters_gpus_whatever_the_driver_has(cluste
     assert not out.exists()
 
 
+def test_a_site_on_a_node_whose_torch_sees_no_gpu_says_so_in_one_line(cluster, adapters, tmp_path):
+    """--device auto on a cluster offering a GPU: the site's actor is placed on that node, whose torch has no CUDA;
+    the site stops there, before it joins, in one line (as the cluster merge does)."""
+    address, env = cluster
+    args = ["site", "run", "--coordinator", "127.0.0.1:1", "--federation", "f", "--site", "s", "--insecure"]
+    args += ["--adapters", str(adapters[0]), "--ray-address", address, "--out", str(tmp_path / "s"), "--json"]
+    done = subprocess.run([RMM, *args], env={**env, "RMM_SITE_TOKEN": "t"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "offers a GPU, but torch there sees no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_site_asked_for_cuda_on_a_cluster_without_gpus_says_so_before_joining(ray_cluster, adapters, tmp_path):
     credentials = Credentials(token="t", insecure=True)
     with pytest.raises(RMMError, match="no GPU"):

@@ -17,7 +17,7 @@ import torch
 
 from rmm.device import bound_heap, to_cpu, workers
 from rmm.errors import RMMError
-from workers.site import _actor_device, _get, node_slots, on_slot
+from workers.site import _get, actor_device, node_slots, on_node, on_slot
 
 
 class ModuleWorker:
@@ -32,12 +32,8 @@ class ModuleWorker:
         self.functions: dict = {}
 
     def threads(self) -> int:
-        """Modules this actor computes at once, as a local merge would on this node (`rmm.device.workers`); the first
-        call, so a node that offers Ray a GPU torch cannot use says so here."""
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RMMError(
-                "a node of the Ray cluster offers a GPU, but torch there sees no CUDA GPU; merge with --device cpu"
-            )
+        """Modules this actor computes at once, as a local merge would on this node (`rmm.device.workers`)."""
+        on_node(self.device)  # the actor's first call
         return workers(self.device)
 
     def run(self, fn: list, mod) -> tuple[str, object]:
@@ -89,7 +85,7 @@ class ClusterMap:
         return {"nodes": nodes, "device": self.computed_on, "passes": self.passes}
 
     def _start(self) -> None:
-        device = self.computed_on = _actor_device(self.device, int(ray.cluster_resources().get("GPU", 0)))
+        device = self.computed_on = actor_device(self.device, int(ray.cluster_resources().get("GPU", 0)))
         gpu = device == "cuda"
         slots = node_slots("GPU" if gpu else "CPU", each=gpu)  # one actor per GPU, else per node
         if not slots:

@@ -32,7 +32,7 @@ from rmm import __version__
 from rmm.adapter import open_adapters
 from rmm.bundle import ModuleEntry, MergeOptions, coefficients_file, extras_file, read_manifest
 from rmm.calibrate import Calibration, read_examples, summed
-from rmm.device import DEVICES, resolve
+from rmm.device import DEVICES
 from rmm.errors import RMMError, first_line
 from rmm.merge import candidate_divergences, merge, revert
 from rmm.payload import (
@@ -66,11 +66,12 @@ class SiteShard:
         torch.set_num_threads(
             max(1, int(threads))
         )  # the actor holds no CPU slot (see run_site): it must not take every core
-        self.name, self.work, self.device = name, Path(work_dir), resolve(device)
+        self.name, self.work, self.device = name, Path(work_dir), torch.device(device)
         self.adapters = open_adapters(adapter_dirs)  # here, on the actor's node: the driver ships only the paths
         self.client = FederationClient(address, federation_id, site_id, credentials, retry=retry)
 
     def manifest(self) -> dict:
+        on_node(self.device)  # the actor's first call
         return {
             "node": ray.get_runtime_context().get_node_id(),
             "base_model": self.adapters[0].base_model or "",
@@ -208,7 +209,7 @@ def run_site(
         raise RMMError("calibration chooses among method auto's plans; run the site with method auto")
     out = Path(out)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    device = _actor_device(device, gpus)
+    device = actor_device(device, gpus)
     if not 0 < gpu_share <= 1:
         raise RMMError(f"a GPU share must be in (0, 1], got {gpu_share}")
     n = max(1, min(actors or (gpus if device == "cuda" else 1), len(adapter_dirs)))
@@ -338,6 +339,14 @@ def node_slots(resource: str, each: bool) -> list[str]:
     return [n["NodeID"] for k in range(max(counts, default=0)) for n, c in zip(nodes, counts) if k < c]
 
 
+def on_node(device: torch.device) -> None:
+    """Check an actor's device where it runs, from its first call: a node that offers Ray a GPU its torch cannot use
+    says so in one line (`_get` passes a call's RMMError on as itself; a failed __init__ reaches the driver as a
+    traceback)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RMMError("a node of the Ray cluster offers a GPU, but torch there sees no CUDA GPU; use --device cpu")
+
+
 def on_slot(slots: list[str], i: int):
     """Actor i's scheduling strategy: its slot's node. Not soft: Ray placed soft-pinned actors that reserve nothing
     by its own choice, often two on one node while others were free (a 3-node test cluster); an actor whose node is
@@ -345,7 +354,7 @@ def on_slot(slots: list[str], i: int):
     return NodeAffinitySchedulingStrategy(slots[i % len(slots)], soft=False) if slots else "DEFAULT"
 
 
-def _actor_device(name: str, gpus: int) -> str:
+def actor_device(name: str, gpus: int) -> str:
     """The device a site's actors compute on, "cpu" or "cuda", from --device and the cluster's GPU count."""
     if name not in DEVICES:
         raise RMMError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
